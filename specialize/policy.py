@@ -1,0 +1,270 @@
+"""Exit policies (a confidence measure and per-exit thresholds) and their calibration.
+
+The measures and the rule itself live in :mod:`backbones.exit_rule` and are re-exported here;
+this module adds :class:`ExitPolicy`, which bundles a measure with thresholds, and
+:func:`calibrate_thresholds`, which picks thresholds on a labelled calibration split from one
+pass of all exits (the ``confidence``, ``correct`` and ``flops`` arrays of
+:mod:`specialize.curves`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from backbones.exit_rule import (
+    CONFIDENCE_MEASURES,
+    accepts,
+    confidence,
+    normalize_thresholds,
+    select_exits,
+)
+from specialize.curves import ArrayLike, CurvePoints, as_exit_arrays, sweep
+
+__all__ = [
+    "CONFIDENCE_MEASURES",
+    "CalibrationResult",
+    "ExitPolicy",
+    "accepts",
+    "calibrate_thresholds",
+    "confidence",
+    "normalize_thresholds",
+    "select_exits",
+]
+
+CALIBRATION_TARGETS = ("accuracy", "flops")
+
+# Largest value each measure can take; a finite threshold above it disables the exit silently.
+_MEASURE_MAX = {"max_softmax": 1.0, "margin": 1.0, "neg_entropy": 0.0}
+
+# Slack for comparing accuracies in percent computed as 100 * count / N.
+_ACCURACY_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Which confidence measure the exits use and the threshold each early exit must clear.
+
+    Attributes:
+        measure: Confidence measure, one of :data:`CONFIDENCE_MEASURES`.
+        thresholds: One threshold shared by all early exits, or one per early exit (a
+            sequence of ``K - 1``, or ``K`` whose last entry is ignored). ``+inf`` disables an
+            exit. The last exit always answers. The default suits ``max_softmax``/``margin``;
+            ``neg_entropy`` values are ``<= 0``.
+    """
+
+    measure: str = "max_softmax"
+    thresholds: float | tuple[float, ...] = 0.9
+
+    def __post_init__(self) -> None:
+        if self.measure not in CONFIDENCE_MEASURES:
+            raise ValueError(
+                f"unknown confidence measure {self.measure!r}; "
+                f"use one of {', '.join(CONFIDENCE_MEASURES)}"
+            )
+        if np.ndim(self.thresholds) == 0:
+            object.__setattr__(self, "thresholds", float(self.thresholds))
+        else:
+            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
+
+    def thresholds_tensor(self, num_exits: int) -> Tensor:
+        """The thresholds expanded to ``(num_exits,)`` float64, last entry ``-inf``."""
+        return normalize_thresholds(self.thresholds, num_exits)
+
+    def confidence(self, logits: Tensor) -> Tensor:
+        """Confidence ``(B,)`` of one exit's logits ``(B, C)`` under this policy's measure."""
+        return confidence(logits, self.measure)
+
+    def select(self, confidences: Tensor) -> Tensor:
+        """Exit index ``(N,)`` int64 for confidences ``(N, K)`` of every exit."""
+        thresholds = self.thresholds_tensor(confidences.shape[1])
+        return select_exits(confidences, thresholds)
+
+
+def _check_threshold_values(measure: str, values: np.ndarray) -> None:
+    if np.isnan(values).any():
+        raise ValueError(f"thresholds must not be NaN, got {values.tolist()}")
+    upper = _MEASURE_MAX[measure]
+    if (np.isfinite(values) & (values > upper)).any():
+        raise ValueError(
+            f"thresholds {values.tolist()} include values above {upper}, the largest {measure} "
+            "can reach, so that exit could never answer; use +inf to disable an exit on purpose"
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Thresholds chosen on a calibration split and what they achieve there.
+
+    Attributes:
+        thresholds: One threshold per early exit (length ``K - 1``); ``+inf`` means the exit
+            never answers. Pass to :class:`ExitPolicy` as is.
+        accuracy: Accuracy in percent on the calibration split.
+        mean_flops: Mean FLOPs per sample on the calibration split.
+    """
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    mean_flops: float
+
+    def policy(self, measure: str = "max_softmax") -> ExitPolicy:
+        """An :class:`ExitPolicy` with these thresholds (``measure``: the one calibrated)."""
+        return ExitPolicy(measure, self.thresholds)
+
+
+def calibrate_thresholds(
+    confidence: ArrayLike,
+    correct: ArrayLike,
+    flops: ArrayLike,
+    *,
+    target: str = "accuracy",
+    max_drop: float = 0.5,
+    flops_budget: float | None = None,
+    shared: bool = True,
+    num_candidates: int = 32,
+    max_rounds: int = 4,
+) -> CalibrationResult:
+    """Choose exit thresholds on a labelled calibration split.
+
+    Targets:
+
+    * ``"accuracy"``: the cheapest thresholds (lowest mean FLOPs) whose accuracy is at most
+      ``max_drop`` points below the last exit's accuracy. Always feasible (with no early
+      exit the drop is 0).
+    * ``"flops"``: the most accurate thresholds whose mean FLOPs are ``<= flops_budget``.
+
+    Ties go to higher accuracy (resp. lower FLOPs), then to the higher threshold.
+
+    With ``shared=True`` one threshold serves all early exits and the choice is exact: every
+    distinct threshold is evaluated by :func:`specialize.curves.sweep`. With
+    ``shared=False`` the shared optimum is refined by greedy coordinate search: for each
+    early exit in turn, try ``num_candidates`` quantiles of that exit's confidence (and
+    ``+inf``, "never answer here") with the other thresholds fixed, keep the best if it
+    improves the objective, and repeat for up to ``max_rounds`` rounds or until no exit
+    changes. The result is never worse than the shared optimum on the calibration split.
+
+    Args:
+        confidence: ``(N, K)`` confidence of every exit, under the measure the policy uses.
+        correct: ``(N, K)`` bool, whether each exit is right.
+        flops: ``(N, K)`` cost of answering at each exit.
+        target: ``"accuracy"`` or ``"flops"``.
+        max_drop: Allowed accuracy drop in points (target ``"accuracy"``).
+        flops_budget: Mean FLOPs per sample allowed (target ``"flops"``; required there).
+        shared: One threshold for all early exits (exact), or per-exit thresholds (greedy).
+        num_candidates: Quantiles tried per exit and round when ``shared=False``.
+        max_rounds: Rounds of coordinate search when ``shared=False``.
+
+    Returns:
+        The thresholds and their accuracy and mean FLOPs on the calibration split.
+
+    Raises:
+        ValueError: Unknown ``target``, conflicting or missing arguments, or a FLOPs budget
+            below the cheapest operating point.
+    """
+    _check_calibration_args(target, max_drop, flops_budget)
+    conf, correct, flops = as_exit_arrays(confidence, correct, flops)
+    objective = _Objective.build(target, correct, max_drop, flops_budget)
+    curve = sweep(conf, correct, flops)
+    if not objective.feasible(curve).any():
+        raise ValueError(
+            f"flops_budget {flops_budget:g} is below the cheapest operating point "
+            f"({curve.flops.min():g} mean FLOPs); raise the budget"
+        )
+    best = objective.best_index(curve, curve.thresholds)
+    num_early = conf.shape[1] - 1
+    thresholds = np.full(num_early, curve.thresholds[best])
+    if not shared and num_early > 1:
+        thresholds = _coordinate_search(
+            conf, correct, flops, thresholds, objective, num_candidates, max_rounds
+        )
+    point = sweep(conf, correct, flops, thresholds[None])
+    return CalibrationResult(
+        tuple(float(t) for t in thresholds), float(point.accuracy[0]), float(point.flops[0])
+    )
+
+
+def _check_calibration_args(target: str, max_drop: float, flops_budget: float | None) -> None:
+    if target not in CALIBRATION_TARGETS:
+        raise ValueError(f"unknown target {target!r}; use one of {', '.join(CALIBRATION_TARGETS)}")
+    if target == "flops" and flops_budget is None:
+        raise ValueError("target='flops' needs flops_budget (mean FLOPs per sample allowed)")
+    if target == "accuracy" and flops_budget is not None:
+        raise ValueError(
+            "flops_budget is only used with target='flops'; drop it or set target='flops'"
+        )
+    if not max_drop >= 0:
+        raise ValueError(f"max_drop must be >= 0 accuracy points, got {max_drop}")
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """Feasibility and ranking of operating points for one calibration target."""
+
+    target: str
+    limit: float  # minimum accuracy (%) or maximum mean FLOPs
+
+    @classmethod
+    def build(
+        cls, target: str, correct: np.ndarray, max_drop: float, flops_budget: float | None
+    ) -> _Objective:
+        if target == "flops":
+            return cls(target, float(flops_budget))
+        final_accuracy = 100.0 * correct[:, -1].sum() / len(correct)
+        return cls(target, final_accuracy - max_drop - _ACCURACY_EPS)
+
+    def feasible(self, points: CurvePoints) -> np.ndarray:
+        if self.target == "flops":
+            return points.flops <= self.limit
+        return points.accuracy >= self.limit
+
+    def keys(self, points: CurvePoints) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(feasible, primary, secondary): larger is better, compared in that order."""
+        if self.target == "flops":
+            return self.feasible(points), points.accuracy, -points.flops
+        return self.feasible(points), -points.flops, points.accuracy
+
+    def best_index(self, points: CurvePoints, tiebreak: np.ndarray) -> int:
+        """Index of the best point; ``tiebreak`` (larger preferred) settles exact ties."""
+        feasible, primary, secondary = self.keys(points)
+        return int(np.lexsort((tiebreak, secondary, primary, feasible))[-1])
+
+    def score(self, points: CurvePoints, index: int) -> tuple[bool, float, float]:
+        return tuple(key[index].item() for key in self.keys(points))
+
+
+def _candidates(confidence: np.ndarray, num_candidates: int) -> np.ndarray:
+    """Quantiles of one exit's confidences (actual values) plus ``+inf``."""
+    levels = np.linspace(0.0, 1.0, num_candidates)
+    return np.unique(np.append(np.quantile(confidence, levels, method="lower"), np.inf))
+
+
+def _coordinate_search(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    flops: np.ndarray,
+    thresholds: np.ndarray,
+    objective: _Objective,
+    num_candidates: int,
+    max_rounds: int,
+) -> np.ndarray:
+    """Greedy per-exit refinement of ``thresholds`` (one per early exit), see the caller."""
+    thresholds = thresholds.copy()
+    current = sweep(confidence, correct, flops, thresholds[None])
+    best_score = objective.score(current, 0)
+    for _ in range(max_rounds):
+        improved = False
+        for k in range(len(thresholds)):
+            values = _candidates(confidence[:, k], num_candidates)
+            trials = np.repeat(thresholds[None], len(values), axis=0)
+            trials[:, k] = values
+            points = sweep(confidence, correct, flops, trials)
+            index = objective.best_index(points, values)
+            if objective.score(points, index) > best_score:
+                thresholds, best_score = trials[index], objective.score(points, index)
+                improved = True
+        if not improved:
+            break
+    return thresholds
