@@ -8,7 +8,7 @@ also returns what each head read and the gate decisions of every gated block tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,15 +121,30 @@ class MultiExitNet(nn.Module):
         if not 0 <= last_exit < self.num_exits:
             raise ValueError(f"last_exit must be in [0, {self.num_exits - 1}], got {last_exit}")
         out = ExitOutputs()
+        for _ in zip(range(last_exit + 1), self.iter_exits(x, out)):
+            pass
+        return out
+
+    def iter_exits(self, x: Tensor, out: ExitOutputs | None = None) -> Iterator[ExitOutputs]:
+        """Lazy forward: yield after each exit; stop consuming to stop computing.
+
+        Args:
+            x: Input batch ``(B, C, H, W)``.
+            out: Container to fill (a new one by default).
+
+        Yields:
+            The same ``ExitOutputs``, one more exit filled in at each step.
+        """
+        out = ExitOutputs() if out is None else out
         x = self.stem(x)
         next_exit = 0
-        for stage_index, stage in enumerate(self.stages[: self.exit_stages[last_exit] + 1]):
+        for stage_index, stage in enumerate(self.stages[: self.exit_stages[-1] + 1]):
             x = self._run_stage(stage, x, out.gates)
-            while next_exit <= last_exit and self.exit_stages[next_exit] == stage_index:
+            while next_exit < self.num_exits and self.exit_stages[next_exit] == stage_index:
                 out.features.append(x)
                 out.logits.append(self.heads[next_exit](x))
                 next_exit += 1
-        return out
+                yield out
 
     @staticmethod
     def _run_stage(stage: nn.Module, x: Tensor, gates: list[GateDecision]) -> Tensor:

@@ -8,7 +8,7 @@ forward asks timm to stop early after the last requested intermediate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import timm
@@ -84,6 +84,15 @@ class IntermediateExitNet(nn.Module):
         features = self._intermediates(x, self.exit_stages[: last_exit + 1])
         logits = [head(f) for head, f in zip(self.heads, features)]
         return ExitOutputs(logits=logits, features=list(features))
+
+    def iter_exits(self, x: Tensor, out: ExitOutputs | None = None) -> Iterator[ExitOutputs]:
+        """Yield after each exit (the backbone runs once, to the last exit)."""
+        full = self.forward_exits(x)
+        out = ExitOutputs() if out is None else out
+        for logits, features in zip(full.logits, full.features):
+            out.logits.append(logits)
+            out.features.append(features)
+            yield out
 
     def _intermediates(self, x: Tensor, indices: list[int]) -> list[Tensor]:
         return self.backbone.forward_intermediates(
