@@ -1,0 +1,244 @@
+"""The online engine: runs a multi-exit model over a stream of inputs, one step at a time.
+
+Per step (batch 1 by default) the engine evaluates exits in order, stops at the first exit
+whose confidence clears its threshold (``backbones.exit_rule``: the one place the rule
+lives), and records each sample's prediction, exit, confidence and FLOPs. Then it calls its
+hooks: the head updater learns from the selected exit's prediction, trackers record the
+compute per predicted class. The engine never sees labels: streams hand it inputs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from backbones.cost import flops_per_sample
+from backbones.exit_rule import accepts, confidence
+from specialize.policy import ExitPolicy
+
+BAD_INPUT_ACTIONS = ("error", "skip")
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for a batch of ``B`` samples.
+
+    Attributes:
+        pred: Predicted class ``(B,)``; -1 for skipped (bad) inputs.
+        exit_index: Exit that answered ``(B,)``; -1 for skipped inputs.
+        confidence: Confidence of the answering exit ``(B,)``.
+        flops: FLOPs spent on each sample ``(B,)`` (a multiply-add counts 2).
+        selected_logits: Logits of the answering exit ``(B, C)``.
+        features: Per evaluated exit, the head inputs, rows aligned with the batch.
+        valid: Which samples were processed ``(B,)`` bool.
+    """
+
+    pred: Tensor
+    exit_index: Tensor
+    confidence: Tensor
+    flops: Tensor
+    selected_logits: Tensor
+    features: list[Tensor]
+    valid: Tensor
+
+
+class StepHook(Protocol):
+    """Anything the engine notifies after each step (updaters, trackers)."""
+
+    def on_step(self, output: StepOutput) -> None:
+        """Consume one step's output."""
+
+
+def reference_step(model: torch.nn.Module, x: Tensor, policy: ExitPolicy) -> StepOutput:
+    """Run exits lazily until every sample in ``x`` has answered (no compaction).
+
+    Args:
+        model: A multi-exit model in eval mode.
+        x: Valid inputs ``(B, C, H, W)``.
+        policy: Confidence measure and thresholds.
+
+    Returns:
+        The step output (``valid`` all true).
+    """
+    batch = x.shape[0]
+    thresholds = policy.thresholds_tensor(model.num_exits)
+    exit_index = torch.full((batch,), -1, dtype=torch.long)
+    chosen_conf = torch.zeros(batch)
+    selected = None
+    outputs = None
+    for k, outputs in enumerate(model.iter_exits(x)):
+        logits = outputs.logits[k]
+        conf = confidence(logits, policy.measure)
+        newly = (exit_index < 0) & accepts(conf, thresholds[k].to(conf.dtype))
+        if k == model.num_exits - 1:
+            newly = exit_index < 0
+        exit_index[newly] = k
+        chosen_conf[newly] = conf[newly].float()
+        selected = logits.clone() if selected is None else torch.where(newly[:, None], logits,
+                                                                       selected)
+        if bool((exit_index >= 0).all()):
+            break
+    flops = flops_per_sample(model, outputs.gates, exit_index)
+    return StepOutput(
+        pred=selected.argmax(dim=1), exit_index=exit_index, confidence=chosen_conf,
+        flops=flops, selected_logits=selected, features=outputs.features,
+        valid=torch.ones(batch, dtype=torch.bool),
+    )
+
+
+@dataclass
+class EngineResult:
+    """Per-sample records of a run, concatenated over steps (tensors of length N)."""
+
+    pred: Tensor
+    exit_index: Tensor
+    confidence: Tensor
+    flops: Tensor
+    valid: Tensor
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        """Number of inputs skipped as invalid."""
+        return int((~self.valid).sum())
+
+    def exit_histogram(self, num_exits: int) -> list[int]:
+        """Count of samples answered at each exit (skipped inputs excluded)."""
+        return torch.bincount(self.exit_index[self.valid], minlength=num_exits).tolist()
+
+
+class InputChecker:
+    """Validates engine inputs: shape, channels, dtype and finite values.
+
+    Args:
+        input_size: ``(C, H, W)`` the model expects.
+        on_bad_input: ``error`` raises; ``skip`` marks the sample invalid (counted, never
+            learned from).
+    """
+
+    def __init__(self, input_size: tuple[int, ...], on_bad_input: str = "error") -> None:
+        if on_bad_input not in BAD_INPUT_ACTIONS:
+            raise ValueError(f"on_bad_input must be one of {BAD_INPUT_ACTIONS}, "
+                             f"got {on_bad_input!r}")
+        self.input_size = tuple(input_size)
+        self.on_bad_input = on_bad_input
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Return a bool mask of valid rows of ``x`` (or raise, per ``on_bad_input``)."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"input of shape {shape} does not fit the model: expected (B, "
+                f"{', '.join(map(str, self.input_size))}); adapt channels/size with "
+                "streams.transforms.InputTransform(in_chans=..., size=...)"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"input dtype {x.dtype} is not floating point; normalise uint8 "
+                             "images with streams.transforms.InputTransform first")
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        if self.on_bad_input == "error" and not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(f"input row {bad} has NaN/inf pixels; fix the data or set "
+                             "engine.on_bad_input=skip to count and skip such samples")
+        return finite
+
+
+class Engine:
+    """Runs a multi-exit model over inputs and notifies hooks after every step.
+
+    Args:
+        model: A multi-exit model (switched to eval mode; the engine never trains it).
+        policy: Confidence measure and thresholds.
+        hooks: Objects with ``on_step(StepOutput)`` (updater, trackers), called in order.
+        step_fn: The inference routine (default: the reference lazy forward; the dynamic
+            executor plugs in here).
+        on_bad_input: ``error`` or ``skip`` (see :class:`InputChecker`).
+        serving: Context-manager factory held around each inference step (the async updater
+            provides one so that a step never sees half-published heads).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, policy: ExitPolicy, *, hooks: Iterable[StepHook] = (),
+        step_fn: Callable[[torch.nn.Module, Tensor, ExitPolicy], StepOutput] = reference_step,
+        on_bad_input: str = "error",
+        serving: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.policy = policy
+        self.hooks = list(hooks)
+        self.step_fn = step_fn
+        self.check = InputChecker(model.input_size, on_bad_input)
+        self.serving = serving or contextlib.nullcontext
+
+    @torch.no_grad()
+    def _infer(self, x: Tensor) -> StepOutput:
+        with self.serving():
+            return self.step_fn(self.model, x, self.policy)
+
+    def step(self, x: Tensor) -> StepOutput:
+        """Process one batch: infer valid rows, then call every hook."""
+        valid = self.check(x)
+        if bool(valid.all()):
+            output = self._infer(x)
+        else:
+            output = _scatter_valid(self._infer(x[valid]) if valid.any() else None, valid,
+                                    self.model.num_classes)
+        for hook in self.hooks:
+            hook.on_step(output)
+        return output
+
+    def run(self, inputs: Iterable[Tensor], *, total: int | None = None,
+            progress: bool = True, desc: str = "stream") -> EngineResult:
+        """Process every batch of ``inputs`` and return the concatenated records."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        records: list[StepOutput] = []
+        start = time.perf_counter()
+        with tqdm(total=total, desc=desc, unit="sample", disable=not progress,
+                  mininterval=0.5) as bar:
+            for x in inputs:
+                records.append(self.step(x))
+                bar.update(x.shape[0])
+        return _concat(records, time.perf_counter() - start)
+
+
+def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -> StepOutput:
+    batch = valid.shape[0]
+    full = StepOutput(
+        pred=torch.full((batch,), -1, dtype=torch.long),
+        exit_index=torch.full((batch,), -1, dtype=torch.long),
+        confidence=torch.zeros(batch), flops=torch.zeros(batch, dtype=torch.long),
+        selected_logits=torch.zeros(batch, num_classes), features=[], valid=valid,
+    )
+    if output is None:
+        return full
+    for name in ("pred", "exit_index", "confidence", "flops", "selected_logits"):
+        getattr(full, name)[valid] = getattr(output, name).to(getattr(full, name).dtype)
+    for features in output.features:
+        rows = features.new_zeros((batch, *features.shape[1:]))
+        rows[valid] = features
+        full.features.append(rows)
+    return full
+
+
+def _concat(records: list[StepOutput], seconds: float) -> EngineResult:
+    if not records:
+        empty = torch.zeros(0, dtype=torch.long)
+        return EngineResult(empty, empty, torch.zeros(0), empty,
+                            torch.zeros(0, dtype=torch.bool), seconds)
+    return EngineResult(
+        pred=torch.cat([r.pred for r in records]),
+        exit_index=torch.cat([r.exit_index for r in records]),
+        confidence=torch.cat([r.confidence for r in records]),
+        flops=torch.cat([r.flops for r in records]),
+        valid=torch.cat([r.valid for r in records]),
+        seconds=seconds,
+    )

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+
+from backbones.cost import flops_per_sample
+from backbones.exit_rule import confidence, select_exits
+from specialize.engine import Engine, reference_step
+from specialize.policy import ExitPolicy
+from specialize.specializer import Specializer
+from specialize.updater import HeadUpdater, UpdaterConfig
+from streams.replay import build_stream
+from tests.conftest import randomize_gates, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_stream(length: int = 64, seed: int = 0, classes=(0, 1, 2)):
+    return build_stream({
+        "scenario": "subset", "dataset": "synthetic", "split": "test", "classes": list(classes),
+        "length": length, "seed": seed,
+        "dataset_options": {"num_classes": 10, "samples_per_class": 40, "image_size": 16},
+    })
+
+
+def test_reference_step_matches_full_forward_and_select_exits():
+    model = tiny_model()
+    randomize_gates(model, seed=2)
+    x = torch.randn(16, *model.input_size)
+    policy = ExitPolicy(thresholds=0.2)
+    with torch.no_grad():
+        step = reference_step(model, x, policy)
+        out = model.forward_exits(x)
+    conf = torch.stack([confidence(z) for z in out.logits], 1)
+    exits = select_exits(conf, policy.thresholds_tensor(model.num_exits))
+    assert torch.equal(step.exit_index, exits)
+    preds = torch.stack([z.argmax(1) for z in out.logits], 1)
+    assert torch.equal(step.pred, preds.gather(1, exits[:, None]).squeeze(1))
+    assert torch.equal(step.flops, flops_per_sample(model, out.gates, exits))
+
+
+def test_engine_skips_bad_inputs_when_asked_and_counts_them():
+    model = tiny_model()
+    engine = Engine(model, ExitPolicy(), on_bad_input="skip")
+    x = torch.randn(4, *model.input_size)
+    x[1, 0, 0, 0] = float("nan")
+    out = engine.step(x)
+    assert out.valid.tolist() == [True, False, True, True]
+    assert out.exit_index[1] == -1 and out.pred[1] == -1 and out.flops[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (torch.randn(2, 3, 16, 16), "does not fit the model"),
+        (torch.randn(1, 16, 16), "does not fit the model"),
+        (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), "not floating point"),
+        (torch.full((2, 1, 16, 16), float("inf")), "NaN/inf"),
+    ],
+)
+def test_engine_rejects_bad_inputs_with_a_clear_error(bad, message):
+    engine = Engine(tiny_model(), ExitPolicy())
+    with pytest.raises(ValueError, match=message):
+        engine.step(bad)
+
+
+def test_nan_inputs_do_not_poison_the_heads():
+    model = tiny_model()
+    updater = HeadUpdater(model, UpdaterConfig(update_every=2, batch_size=4))
+    engine = Engine(model, ExitPolicy(thresholds=0.0), hooks=[updater], on_bad_input="skip")
+    for _ in range(6):
+        x = torch.randn(2, *model.input_size)
+        x[0] = float("nan")
+        engine.step(x)
+    for p in model.heads.parameters():
+        assert torch.isfinite(p).all()
+
+
+def _run_specializer(stream, model, stop=None, state=None, save_to=None):
+    updater = HeadUpdater(model, UpdaterConfig(update_every=8, batch_size=8, lr=0.05))
+    specializer = Specializer(model, ExitPolicy(thresholds=0.5), updater)
+    if state is not None:
+        specializer.load(state, stream)
+    result = specializer.run(stream, stop=stop, progress=False)
+    if save_to is not None:
+        specializer.save(save_to, stream)
+    specializer.close()
+    return result, specializer
+
+
+def test_specializer_changes_only_early_heads():
+    stream = synthetic_stream()
+    model = tiny_model()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    _run_specializer(stream, model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, reference[k])}
+    last = model.num_exits - 1
+    assert changed, "the early heads should have learned something"
+    assert all(k.startswith("heads.") and not k.startswith(f"heads.{last}.") for k in changed)
+
+
+def test_sync_runs_are_deterministic():
+    stream = synthetic_stream()
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = tiny_model()
+        result, _ = _run_specializer(stream, model)
+        results.append((result, model.heads.state_dict()))
+    (a, heads_a), (b, heads_b) = results
+    assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.pred, b.pred)
+    assert all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    stream = synthetic_stream(length=48)
+    torch.manual_seed(0)
+    whole_model = tiny_model()
+    whole, whole_spec = _run_specializer(stream, whole_model)
+
+    torch.manual_seed(0)
+    first_model = tiny_model()
+    first, _ = _run_specializer(stream, first_model, stop=20, save_to=tmp_path / "state.pt")
+    torch.manual_seed(1)  # a fresh process: different init, everything comes from the state
+    resumed_model = tiny_model()
+    resumed_model.load_state_dict(first_model.state_dict())
+    second, spec = _run_specializer(stream, resumed_model, state=tmp_path / "state.pt")
+    assert spec.position == len(stream)
+    assert torch.equal(torch.cat([first.pred, second.pred]), whole.pred)
+    assert torch.equal(torch.cat([first.exit_index, second.exit_index]), whole.exit_index)
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert spec.tracker.get()["samples"] == whole_spec.tracker.get()["samples"]
+
+
+def test_resume_refuses_a_state_of_another_stream(tmp_path):
+    stream = synthetic_stream(length=16)
+    _run_specializer(stream, tiny_model(), save_to=tmp_path / "state.pt")
+    other = synthetic_stream(length=16, seed=5)
+    with pytest.raises(ValueError, match="another stream"):
+        _run_specializer(other, tiny_model(), state=tmp_path / "state.pt")
+
+
+def test_engine_never_sees_labels():
+    stream = synthetic_stream(length=8)
+    batch = next(iter(stream.inputs(batch_size=8)))
+    assert isinstance(batch, torch.Tensor) and batch.dtype == torch.float32
+    assert not hasattr(stream, "labels")
+    assert np.array_equal(stream.evaluator().labels.shape, (8,))
