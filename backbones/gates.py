@@ -36,26 +36,38 @@ def leaky_relu1(x: Tensor, negative_slope: float = 0.01) -> Tensor:
 
 
 class ReLU1(nn.Module):
-    """ReLU-1 in evaluation, leaky ReLU-1 in training (LC-Net section 3.3.1).
+    """ReLU-1 at inference; in training, ReLU-1 values with leaky ReLU-1 gradients.
+
+    LC-Net (section 3.3.1) trains with a leaky ReLU-1 so that gradients flow outside [0, 1].
+    Using the leaky *values* in training lets the network learn to rely on saliences above 1
+    or below 0, which inference (hard ReLU-1) then removes: a train/inference mismatch that
+    compounds through the blocks. So by default the forward value is the hard ReLU-1 in both
+    modes and only the gradient is leaky (a straight-through estimator); set
+    ``straight_through=False`` for the paper's literal leaky values in training.
 
     Args:
         negative_slope: Slope of the leaky variant outside [0, 1] in training mode.
+        straight_through: Leaky gradient with hard values (default) or leaky values too.
     """
 
-    def __init__(self, negative_slope: float = 0.01) -> None:
+    def __init__(self, negative_slope: float = 0.01, straight_through: bool = True) -> None:
         super().__init__()
         if negative_slope < 0:
             raise ValueError(f"negative_slope must be >= 0, got {negative_slope}")
         self.negative_slope = negative_slope
+        self.straight_through = straight_through
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply leaky ReLU-1 in training mode, hard ReLU-1 in evaluation mode."""
-        if self.training and self.negative_slope > 0:
-            return leaky_relu1(x, self.negative_slope)
-        return relu1(x)
+        """Apply ReLU-1; in training mode with leaky gradients (or leaky values)."""
+        if not self.training or self.negative_slope == 0:
+            return relu1(x)
+        leaky = leaky_relu1(x, self.negative_slope)
+        if self.straight_through:
+            return leaky + (relu1(x) - leaky).detach()
+        return leaky
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"negative_slope={self.negative_slope}"
+        return f"negative_slope={self.negative_slope}, straight_through={self.straight_through}"
 
 
 class GateDecision(NamedTuple):

@@ -30,10 +30,19 @@ def test_leaky_relu1_is_continuous_at_the_kinks():
 
 
 def test_relu1_module_is_leaky_only_in_training():
-    act = ReLU1(0.1)
+    act = ReLU1(0.1, straight_through=False)
     x = torch.tensor([-1.0, 2.0])
     assert act.train()(x).tolist() == pytest.approx([-0.1, 1.1])
     assert act.eval()(x).tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_straight_through_relu1_has_hard_values_and_leaky_gradients():
+    act = ReLU1(0.1).train()
+    x = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    y = act(x)
+    assert y.tolist() == pytest.approx([0.0, 0.5, 1.0])
+    y.sum().backward()
+    assert x.grad.tolist() == pytest.approx([0.1, 1.0, 0.1])
 
 
 def test_relu1_rejects_negative_slope():
