@@ -47,6 +47,7 @@ class MultiExitNet(nn.Module):
         exit_stages: Stage index of each exit (sorted, unique); default: every stage.
         head: Head kind (see ``backbones.heads.create_head``).
         head_hidden: Hidden width of ``pool_mlp`` / ``conv_pool_fc`` heads.
+        head_pool: Output size of the heads' average pool (1: global).
         gate_mode: ``parallel`` or ``sequential`` LC-Net configuration (cost accounting and
             the executor; the reference forward computes the same values in both).
         stage_reductions: Spatial reduction of each stage output (for ``exit_info``).
@@ -65,6 +66,7 @@ class MultiExitNet(nn.Module):
         exit_stages: Sequence[int] | None = None,
         head: str = "pool_fc",
         head_hidden: int = 128,
+        head_pool: int = 1,
         gate_mode: str = "parallel",
         stage_reductions: Sequence[int] | None = None,
         name: str = "",
@@ -84,7 +86,8 @@ class MultiExitNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.exit_stages = exit_stages
         self.heads = nn.ModuleList(
-            create_head(head, stage_channels[s], num_classes, head_hidden) for s in exit_stages
+            create_head(head, stage_channels[s], num_classes, head_hidden, head_pool)
+            for s in exit_stages
         )
         self.cost_profile: CostProfile = profile_cost(self, self.input_size)
         reductions = stage_reductions or [None] * len(stages)

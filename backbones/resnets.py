@@ -49,6 +49,7 @@ def small_resnet(
     exit_stages: Sequence[int] | None = None,
     head: str = "pool_fc",
     head_hidden: int = 128,
+    head_pool: int = 1,
 ) -> MultiExitNet:
     """A ResNet for 28x28 / 32x32 inputs: 3x3 stride-1 stem, stages built by timm.
 
@@ -67,6 +68,7 @@ def small_resnet(
         exit_stages: Stages followed by an exit (default: all).
         head: Exit head kind.
         head_hidden: Hidden width of MLP / conv heads.
+        head_pool: Output size of the heads' average pool (1: global).
 
     Returns:
         The multi-exit network.
@@ -89,7 +91,7 @@ def small_resnet(
     model = MultiExitNet(
         stem, stages, [info["num_chs"] for info in feature_info],
         num_classes=num_classes, input_size=input_size, exit_stages=exit_stages, head=head,
-        head_hidden=head_hidden, gate_mode=gate_mode,
+        head_hidden=head_hidden, head_pool=head_pool, gate_mode=gate_mode,
         stage_reductions=[info["reduction"] // 4 for info in feature_info],
         name=name, build_args=build_args,
     )
@@ -112,6 +114,7 @@ def timm_resnet(
     exit_stages: Sequence[int] | None = None,
     head: str = "pool_fc",
     head_hidden: int = 128,
+    head_pool: int = 1,
     **resnet_kwargs: Any,
 ) -> MultiExitNet:
     """A timm ResNet-family model (resnet18/34/50, wide, ResNeXt) with gates and exits.
@@ -130,6 +133,7 @@ def timm_resnet(
         exit_stages: Stages followed by an exit (default: all four).
         head: Exit head kind.
         head_hidden: Hidden width of MLP / conv heads.
+        head_pool: Output size of the heads' average pool (1: global).
         **resnet_kwargs: Passed to ``timm.models.resnet.ResNet`` (``base_width``,
             ``cardinality``, ``channels`` ...).
 
@@ -156,7 +160,8 @@ def timm_resnet(
     model = MultiExitNet(
         stem, stages, [i["num_chs"] for i in infos], num_classes=num_classes,
         input_size=input_size, exit_stages=exit_stages, head=head, head_hidden=head_hidden,
-        gate_mode=gate_mode, stage_reductions=reductions, name=name, build_args=build_args,
+        head_pool=head_pool, gate_mode=gate_mode, stage_reductions=reductions, name=name,
+        build_args=build_args,
     )
     if small_input:
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -31,6 +31,7 @@ class IntermediateExitNet(nn.Module):
         exit_stages: Indices into ``feature_info`` that get an exit (default: all).
         head: Exit head kind.
         head_hidden: Hidden width of MLP / conv heads.
+        head_pool: Output size of the heads' average pool (1: global).
         name: Name used to rebuild the model (``timm:<model>``).
         build_args: Keyword arguments that rebuild it.
     """
@@ -41,7 +42,7 @@ class IntermediateExitNet(nn.Module):
     def __init__(
         self, backbone: nn.Module, *, num_classes: int, input_size: Sequence[int],
         exit_stages: Sequence[int] | None = None, head: str = "pool_fc", head_hidden: int = 128,
-        name: str = "", build_args: dict[str, Any] | None = None,
+        head_pool: int = 1, name: str = "", build_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         infos = backbone.feature_info
@@ -57,7 +58,7 @@ class IntermediateExitNet(nn.Module):
         self.num_classes = num_classes
         self.input_size = tuple(input_size)
         self.heads = nn.ModuleList(
-            create_head(head, infos[s]["num_chs"], num_classes, head_hidden)
+            create_head(head, infos[s]["num_chs"], num_classes, head_hidden, head_pool)
             for s in self.exit_stages
         )
         self.cost_profile = self._profile()
@@ -130,7 +131,8 @@ class IntermediateExitNet(nn.Module):
 def timm_exits(
     model_name: str, *, num_classes: int = 10, in_chans: int = 3,
     input_size: Sequence[int] | None = None, exit_stages: Sequence[int] | None = None,
-    head: str = "pool_fc", head_hidden: int = 128, gating: bool = False, **timm_kwargs: Any,
+    head: str = "pool_fc", head_hidden: int = 128, head_pool: int = 1, gating: bool = False,
+    **timm_kwargs: Any,
 ) -> IntermediateExitNet:
     """Build exits on ``timm.create_model(model_name)`` (never downloads weights).
 
@@ -142,6 +144,7 @@ def timm_exits(
         exit_stages: Indices into the model's ``feature_info`` (default: all).
         head: Exit head kind.
         head_hidden: Hidden width of MLP / conv heads.
+        head_pool: Output size of the heads' average pool (1: global).
         gating: Must be False: LC-Net gating exists for ResNet-family blocks only.
         **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``img_size`` for ViTs).
 
@@ -162,5 +165,6 @@ def timm_exits(
         raise ValueError(f"timm model {model_name!r} does not support forward_intermediates")
     return IntermediateExitNet(
         backbone, num_classes=num_classes, input_size=input_size, exit_stages=exit_stages,
-        head=head, head_hidden=head_hidden, name=f"timm:{model_name}", build_args=build_args,
+        head=head, head_hidden=head_hidden, head_pool=head_pool, name=f"timm:{model_name}",
+        build_args=build_args,
     )

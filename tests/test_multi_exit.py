@@ -22,6 +22,7 @@ def _counted_flops(fn) -> int:
         ("tiny_resnet", {"head": "pool_mlp"}),
         ("tiny_resnet", {"head": "conv_pool_fc", "head_hidden": 16}),
         ("tiny_resnet", {"exit_stages": [1, 3]}),
+        ("tiny_resnet", {"head_pool": 4}),
         ("resnet18", {"small_input": True, "input_size": (3, 32, 32)}),
         ("resnet50", {"input_size": (3, 64, 64)}),
     ],
