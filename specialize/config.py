@@ -16,11 +16,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from streams.scenarios import ConfigError as StreamsConfigError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the field and what is allowed."""
+class ConfigError(StreamsConfigError):
+    """A config file or override is invalid; the message names the field and what is allowed.
+
+    Subclasses the streams package's error so one ``except ConfigError`` catches both.
+    """
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
