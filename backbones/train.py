@@ -1,0 +1,664 @@
+"""Joint training of every exit and every LC-Net gate of a ``MultiExitNet``.
+
+The loss of one batch (LC-Net sections 4.2 and 4.3)::
+
+    loss = sum_k w_k * CE(logits_k, y)                             every exit, label smoothing
+         + distill_weight * mean_{k<K-1} T^2 * KL(p_K^T || p_k^T)  early exits learn from the last
+         + l1_weight * mean(|S_L|, |S_C|)                          sparser gates, fewer FLOPs
+
+The L1 term is the mean over all gate values of the batch (one ``S_L`` and ``C_mid`` values of
+``S_C`` per gated block and sample), so ``l1_weight`` does not depend on the model's size.
+Optimisation: SGD with Nesterov momentum and weight decay, a separate learning rate for the
+gates (``model.gate_parameters()``), a per-step cosine / step / constant schedule with
+optional linear warm-up. Augmentation runs as tensor operations on the uint8 batch (random
+crop with zero padding, horizontal flip).
+
+Every random choice comes from ``torch.Generator`` objects derived from ``config.seed`` and
+the epoch, so a run resumed from its checkpoint continues exactly as if never interrupted.
+Under ``torch.distributed`` (``torchrun --nproc_per_node=N``, gloo on CPU) the model is wrapped
+in DDP, each process trains on its share of the same per-epoch permutation (what
+``DistributedSampler`` does), evaluation is sharded and summed, and only rank 0 writes
+checkpoints and progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from backbones.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from backbones.cost import flops_at_exits, format_flops
+from backbones.gates import GateDecision
+from backbones.multi_exit import MultiExitNet
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """How to train a multi-exit backbone; loaded from YAML (``configs/backbones/*.yaml``).
+
+    The ``dataset``/``data_root``/``dataset_args``/``eval_split`` fields are read by the glue
+    in ``specialize`` (``backbones`` never loads data itself); the model fields by whoever
+    builds the model. ``train()`` uses the rest.
+    """
+
+    # --- model
+    arch: str = "tiny_resnet"  # registered backbone name (backbones.list_backbones())
+    gating: bool = True  # LC-Net gates in every residual block; False: the ungated baseline
+    gate_mode: str = "parallel"  # parallel | sequential LC-Net configuration (cost accounting)
+    model_args: dict = field(default_factory=dict)  # more create_backbone kwargs (head, ...)
+    init_checkpoint: str | None = None  # start from these weights (pretrained backbone); gates
+    # missing from it keep their initialisation (all open)
+    # --- data (used by the specialize glue)
+    dataset: str = "fashion_mnist"  # streams.datasets.load_dataset name
+    data_root: str | None = None  # data folder; None: the reader's default
+    dataset_args: dict = field(default_factory=dict)  # more load_dataset kwargs
+    eval_split: str = "test"  # split evaluated at the end of every epoch
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+    eval_limit: int | None = None  # evaluate only the first N images of eval_split
+    # --- optimisation
+    epochs: int = 5  # passes over the training data
+    batch_size: int = 128  # global batch (split across processes under DDP)
+    lr: float = 0.1  # peak learning rate of everything but the gates
+    gate_lr: float = 0.01  # peak learning rate of the L-Net/C-Net gates (paper: lower)
+    momentum: float = 0.9  # SGD momentum (Nesterov, no dampening)
+    nesterov: bool = True  # Nesterov momentum (LC-Net 4.2)
+    weight_decay: float = 5e-4  # L2 penalty of the backbone and heads (LC-Net 4.2)
+    gate_weight_decay: float | None = None  # L2 penalty of the gates; None: weight_decay
+    schedule: str = "cosine"  # cosine | step | constant, stepped every batch
+    warmup_epochs: float = 0.0  # linear warm-up from lr / steps to lr over this many epochs
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training
+    # after which the learning rate is multiplied by step_gamma
+    step_gamma: float = 0.1  # step schedule decay factor
+    # --- loss
+    exit_weights: tuple[float, ...] | None = None  # CE weight of each exit; None: all 1.0
+    label_smoothing: float = 0.0  # label smoothing of every exit's cross-entropy
+    distill_weight: float = 0.0  # weight of distilling the final exit into the earlier ones
+    distill_temperature: float = 3.0  # softmax temperature of that distillation
+    l1_weight: float = 0.0  # weight of the L1 penalty on S_L and S_C (LC-Net 4.3); larger:
+    # more gates at zero, fewer FLOPs, eventually lower accuracy
+    # --- augmentation (tensor ops on the batch)
+    crop_padding: int = 2  # random crop after zero padding by this many pixels; 0: off
+    hflip: bool = True  # random horizontal flip with probability 0.5
+    # --- run
+    seed: int = 0  # seeds model init (torch.manual_seed), data order and augmentation
+    eval_batch_size: int = 500  # batch size of the per-epoch evaluation
+    channels_last: bool = False  # channels_last memory format (faster for ungated models)
+    num_threads: int | None = None  # CPU threads in total (split across DDP processes)
+
+    # Fields that do not change what is trained (left out of cache keys).
+    RUNTIME_FIELDS = ("data_root", "eval_batch_size", "num_threads")
+
+    def __post_init__(self) -> None:
+        self.step_milestones = tuple(float(m) for m in self.step_milestones)
+        if self.exit_weights is not None:
+            self.exit_weights = tuple(float(w) for w in self.exit_weights)
+            if not self.exit_weights or min(self.exit_weights) < 0 or sum(self.exit_weights) <= 0:
+                raise ValueError(f"exit_weights must be >= 0 with a positive sum, got "
+                                 f"{self.exit_weights}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got "
+                             f"{self.schedule!r}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "eval_batch_size": self.eval_batch_size, "lr": self.lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        non_negative = {
+            "gate_lr": self.gate_lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs, "label_smoothing": self.label_smoothing,
+            "distill_weight": self.distill_weight, "l1_weight": self.l1_weight,
+            "crop_padding": self.crop_padding,
+        }
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0 < self.step_gamma <= 1:
+            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma}")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (what checkpoints store)."""
+        return _plain(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes the trained model (cache keys)."""
+        return config_fingerprint(self.to_dict())
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """``TrainConfig.fingerprint`` of a config stored as a plain dict (e.g. in a checkpoint)."""
+    data = {k: v for k, v in _plain(dict(config)).items() if k not in TrainConfig.RUNTIME_FIELDS}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did.
+
+    Attributes:
+        metrics: Evaluation after the last completed epoch (see ``evaluate``), plus the
+            epoch's ``train_loss``, ``train_accuracy`` and timings.
+        history: One such dict per completed epoch (including epochs before a resume).
+        epochs_completed: Epochs done in total.
+        checkpoint_path: Where the last checkpoint was written (``None``: not saved).
+        wall_time_s: Seconds spent in this call (training and evaluation).
+    """
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    epochs_completed: int
+    checkpoint_path: Path | None
+    wall_time_s: float
+
+
+# ------------------------------------------------------------------------------ batch pieces
+
+
+def seeded_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and ``keys`` (e.g. epoch, rank) by hashing."""
+    text = "/".join(str(int(k)) for k in (seed, *keys))
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(value)
+
+
+def augment_batch(
+    images: Tensor, *, crop_padding: int, hflip: bool, generator: torch.Generator
+) -> Tensor:
+    """Random crop (after zero padding) and horizontal flip of a batch, per sample.
+
+    Args:
+        images: ``(B, C, H, W)`` batch (uint8 or float).
+        crop_padding: Zero padding on each side before cropping back to ``H x W``; 0: no crop.
+        hflip: Flip each image left-right with probability 0.5.
+        generator: Source of randomness.
+
+    Returns:
+        The augmented batch, same shape and dtype.
+    """
+    batch, channels, height, width = images.shape
+    if crop_padding > 0:
+        pad = crop_padding
+        padded = F.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+        images = padded[torch.arange(batch)[:, None, None, None],
+                        torch.arange(channels)[None, :, None, None], rows, cols]
+    if hflip:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def normalize_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """uint8 ``(B, C, H, W)`` -> float32 ``(x / 255 - mean) / std`` (per channel)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def transform(images: Tensor) -> Tensor:
+        return (images.to(torch.float32) / 255.0 - mean_t) / std_t
+
+    return transform
+
+
+def gate_l1(gates: list[GateDecision]) -> Tensor:
+    """Mean of ``|S_L|`` and ``|S_C|`` over every gate value of the batch (0 if no gates)."""
+    if not gates:
+        return torch.zeros(())
+    total = sum(g.block_salience.abs().sum() + g.channel_salience.abs().sum() for g in gates)
+    count = sum(g.block_salience.numel() + g.channel_salience.numel() for g in gates)
+    return total / count
+
+
+def training_loss(
+    logits: list[Tensor], gates: list[GateDecision], labels: Tensor, config: TrainConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of one batch (see the module docstring) and its parts.
+
+    Args:
+        logits: One ``(B, num_classes)`` tensor per exit.
+        gates: Gate decisions of the forward pass.
+        labels: ``(B,)`` class indices.
+        config: Loss weights.
+
+    Returns:
+        ``(loss, parts)`` with parts ``ce`` (weighted exit cross-entropy), ``distill`` and
+        ``l1`` (unweighted), all detached.
+    """
+    weights = config.exit_weights or (1.0,) * len(logits)
+    if len(weights) != len(logits):
+        raise ValueError(f"exit_weights has {len(weights)} values, the model has {len(logits)} "
+                         "exits")
+    ce = sum(w * F.cross_entropy(z, labels, label_smoothing=config.label_smoothing)
+             for w, z in zip(weights, logits) if w > 0)
+    loss = ce
+    parts = {"ce": ce.detach()}
+    if config.distill_weight > 0 and len(logits) > 1:
+        temp = config.distill_temperature
+        teacher = F.log_softmax(logits[-1].detach() / temp, dim=1)
+        distill = sum(
+            F.kl_div(F.log_softmax(z / temp, dim=1), teacher, log_target=True,
+                     reduction="batchmean") for z in logits[:-1]
+        ) * temp**2 / (len(logits) - 1)
+        loss = loss + config.distill_weight * distill
+        parts["distill"] = distill.detach()
+    if gates:
+        l1 = gate_l1(gates)
+        if config.l1_weight > 0:
+            loss = loss + config.l1_weight * l1
+        parts["l1"] = l1.detach()
+    return loss, parts
+
+
+# ------------------------------------------------------------------------ optimiser, schedule
+
+
+def build_optimizer(model: MultiExitNet, config: TrainConfig) -> torch.optim.SGD:
+    """SGD (Nesterov) with one parameter group for the network and one for the gates."""
+    gate_ids = {id(p) for p in model.gate_parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in gate_ids]
+    gates = [p for p in model.parameters() if id(p) in gate_ids]
+    groups = [{"params": backbone, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if gates:
+        decay = config.weight_decay if config.gate_weight_decay is None else \
+            config.gate_weight_decay
+        groups.append({"params": gates, "lr": config.gate_lr, "weight_decay": decay})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov and config.momentum > 0, dampening=0.0)
+
+
+def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """Multiplier of the peak learning rates at optimisation step ``step`` (0-based)."""
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "step":
+        done = step / max(1, total_steps)
+        return config.step_gamma ** sum(done >= m for m in config.step_milestones)
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule of ``config`` (stepped after every batch)."""
+    total = steps_per_epoch * config.epochs
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps=total, steps_per_epoch=steps_per_epoch, config=config)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiExitNet,
+    data: Any,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 500,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Accuracy and mean FLOPs of every exit, and how many gates are shut.
+
+    Runs in eval mode (hard ReLU-1). Under ``torch.distributed`` each process evaluates its
+    share and the sums are all-reduced, so every process returns the same figures.
+
+    Args:
+        model: The network.
+        data: Anything with ``images`` uint8 ``(N, C, H, W)``, ``labels`` ``(N,)``, ``mean``,
+            ``std``.
+        transform: uint8 batch -> model input; default: normalise with ``data.mean/std``.
+        batch_size: Evaluation batch size.
+        channels_last: Feed channels_last inputs.
+
+    Returns:
+        ``exit_accuracy`` (list, one per exit), ``exit_flops`` (mean FLOPs per sample of
+        answering at each exit with the gates' decisions), ``exit_flops_open`` (the same with
+        every gate open: the ungated cost), ``skipped_blocks`` (fraction of ``S_L == 0``),
+        ``skipped_channels`` (fraction of ``S_C == 0``), ``eval_size``, ``eval_time_s``.
+    """
+    start = time.perf_counter()
+    transform = transform or normalize_transform(data.mean, data.std)
+    rank, world = _rank_and_world()
+    was_training = model.training
+    model.eval()
+    num_exits = model.num_exits
+    # correct per exit, FLOPs per exit, blocks off, blocks, channels off, channels, samples
+    sums = torch.zeros(2 * num_exits + 5, dtype=torch.float64)
+    indices = torch.arange(len(data.labels))[rank::world]
+    for chunk in indices.split(batch_size):
+        x = _to_input(transform(data.images[chunk]), channels_last)
+        labels = data.labels[chunk]
+        out = model.forward_exits(x)
+        for k, logits in enumerate(out.logits):
+            sums[k] += (logits.argmax(dim=1) == labels).sum()
+        flops = flops_at_exits(model.cost_profile, out.gates, model.gate_mode, len(chunk))
+        sums[num_exits:2 * num_exits] += flops.sum(dim=0).double()
+        for g in out.gates:
+            sums[-5] += (g.block_salience <= 0).sum()
+            sums[-4] += g.block_salience.numel()
+            sums[-3] += (g.channel_salience <= 0).sum()
+            sums[-2] += g.channel_salience.numel()
+        sums[-1] += len(chunk)
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    count = max(1.0, float(sums[-1]))
+    return {
+        "exit_accuracy": [float(sums[k]) / count for k in range(num_exits)],
+        "exit_flops": [float(sums[num_exits + k]) / count for k in range(num_exits)],
+        "exit_flops_open": [int(info["flops"]) for info in model.exit_info],
+        "skipped_blocks": float(sums[-5] / sums[-4]) if sums[-4] > 0 else 0.0,
+        "skipped_channels": float(sums[-3] / sums[-2]) if sums[-2] > 0 else 0.0,
+        "eval_size": int(sums[-1]),
+        "eval_time_s": time.perf_counter() - start,
+    }
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """One line per figure: per-exit accuracy and FLOPs, skipped gates."""
+    acc = " ".join(f"{a * 100:.2f}" for a in metrics["exit_accuracy"])
+    flops = " ".join(format_flops(f) for f in metrics["exit_flops"])
+    ratio = metrics["exit_flops_open"][-1] / max(1.0, metrics["exit_flops"][-1])
+    return (f"exit accuracy % [{acc}] | FLOPs/sample [{flops}] (final exit {ratio:.2f}x fewer "
+            f"than all gates open) | skipped blocks {metrics['skipped_blocks'] * 100:.1f}% "
+            f"channels {metrics['skipped_channels'] * 100:.1f}%")
+
+
+def _to_input(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+class _ExitsForward(nn.Module):
+    """``forward_exits`` as a plain ``forward`` returning tensors (what DDP can wrap)."""
+
+    def __init__(self, model: MultiExitNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        out = self.model.forward_exits(x)
+        return (out.logits, [g.block_salience for g in out.gates],
+                [g.channel_salience for g in out.gates])
+
+
+@dataclass
+class _State:
+    """Bookkeeping shared by the epoch loop."""
+
+    model: MultiExitNet
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoint_path: Path | None
+    data_info: dict[str, Any]
+    rank: int
+    world: int
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_saved: int | None = None
+
+
+def train(
+    model: MultiExitNet,
+    train_data: Any,
+    eval_data: Any | None,
+    config: TrainConfig,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> TrainResult:
+    """Train every exit and gate of ``model`` jointly.
+
+    Call ``torch.manual_seed(config.seed)`` before building the model for a reproducible
+    initialisation; nothing here reads the global random state.
+
+    Args:
+        model: The network (modified in place). Under ``torch.distributed`` every process
+            passes its copy; rank 0's weights are broadcast.
+        train_data: Anything with ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64
+            ``(N,)``, ``mean`` and ``std`` (e.g. ``streams.datasets.ArrayDataset``).
+        eval_data: The same kind of object, evaluated after every epoch; ``None``: skip.
+        config: Hyper-parameters.
+        transform: uint8 batch -> model input (e.g. ``streams.transforms.InputTransform``);
+            default: per-channel normalisation with ``train_data.mean/std``.
+        checkpoint_path: Written atomically after every epoch (rank 0 only).
+        resume_from: A checkpoint of an interrupted run of the same config to continue.
+        progress: Show a tqdm bar per epoch and a summary line after each evaluation.
+        stop_after_epoch: Stop after this many epochs in total, as if interrupted (the
+            schedule still spans ``config.epochs``).
+
+    Returns:
+        The final metrics, the per-epoch history and where the checkpoint is.
+
+    Raises:
+        NonFiniteLossError: The loss became NaN/inf; the weights of the last good step are
+            kept and the checkpoint of the last completed epoch is not overwritten.
+        ValueError: Data and model do not fit, or ``resume_from`` is of another config.
+    """
+    start = time.perf_counter()
+    _check_data(model, train_data, config)
+    transform = transform or normalize_transform(train_data.mean, train_data.std)
+    rank, world = _rank_and_world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
+                         f"processes ({world})")
+    steps_per_epoch = len(train_data.labels) // config.batch_size
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.init_checkpoint and resume_from is None:
+        load_weights(model, config.init_checkpoint, allow_missing_gates=True)
+    optimizer = build_optimizer(model, config)
+    state = _State(
+        model=model, config=config, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config, steps_per_epoch),
+        checkpoint_path=None if checkpoint_path is None else Path(checkpoint_path),
+        data_info=_data_info(train_data), rank=rank, world=world,
+    )
+    if resume_from is not None:
+        _resume(state, resume_from)
+    runner: nn.Module = _ExitsForward(model)
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(runner)  # broadcasts rank 0 buffers
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs,
+                                                                    stop_after_epoch)
+    while state.epoch < last_epoch:
+        epoch_stats = _train_epoch(state, runner, train_data, transform, progress)
+        metrics = dict(epoch_stats)
+        if world > 1:
+            _broadcast_buffers(model)
+        if eval_data is not None:
+            metrics.update(evaluate(model, eval_data, transform=transform,
+                                    batch_size=config.eval_batch_size,
+                                    channels_last=config.channels_last))
+        state.epoch += 1
+        metrics["epoch"] = state.epoch
+        state.history.append(metrics)
+        _save(state)
+        if progress and rank == 0 and eval_data is not None:
+            tqdm.write(f"epoch {state.epoch}/{config.epochs}: {format_metrics(metrics)}",
+                       file=sys.stderr)
+    model.eval()
+    return TrainResult(
+        metrics=state.history[-1] if state.history else {},
+        history=state.history,
+        epochs_completed=state.epoch,
+        checkpoint_path=state.checkpoint_path if state.last_saved is not None else None,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _check_data(model: MultiExitNet, data: Any, config: TrainConfig) -> None:
+    images, labels = data.images, data.labels
+    if images.dtype != torch.uint8 or images.ndim != 4 or len(labels) != len(images):
+        raise ValueError(f"train_data must hold uint8 images (N, C, H, W) and N labels, got "
+                         f"{images.dtype} {tuple(images.shape)} and {tuple(labels.shape)}")
+    if len(labels) < config.batch_size:
+        raise ValueError(f"train_data has {len(labels)} samples, fewer than batch_size="
+                         f"{config.batch_size}; lower batch_size")
+    if len(labels) and int(labels.max()) >= model.num_classes:
+        raise ValueError(f"labels reach {int(labels.max())} but the model has "
+                         f"{model.num_classes} classes; build it with num_classes="
+                         f"{int(labels.max()) + 1} or more")
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics (what gets saved and evaluated)."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _data_info(data: Any) -> dict[str, Any]:
+    names = getattr(data, "class_names", None)
+    return {
+        "name": getattr(data, "name", None),
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "class_names": None if names is None else list(names),
+        "size": len(data.labels),
+    }
+
+
+def _resume(state: _State, source: str | Path) -> None:
+    ckpt = read_checkpoint(source)
+    stored = dict(ckpt.get("train_config") or {})
+    current = state.config.to_dict()
+    differ = sorted(k for k in set(stored) | set(current)
+                    if k not in TrainConfig.RUNTIME_FIELDS and stored.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"{source}: cannot resume, its train config differs in "
+                         f"{', '.join(differ)}; resume with the config it was trained with")
+    if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
+        raise ValueError(f"{source}: the checkpoint has no optimizer/scheduler state to resume")
+    load_weights(state.model, source)
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch = int(ckpt["epoch"])
+    state.history = [dict(h) for h in ckpt.get("history") or []]
+    state.last_saved = state.epoch
+
+
+def _train_epoch(
+    state: _State, runner: nn.Module, data: Any, transform: Callable, progress: bool,
+) -> dict[str, float]:
+    config, model = state.config, state.model
+    start = time.perf_counter()
+    steps = len(data.labels) // config.batch_size
+    order = torch.randperm(len(data.labels), generator=seeded_generator(config.seed, state.epoch))
+    augment_rng = seeded_generator(config.seed, state.epoch, 1 + state.rank)
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this process)
+    bar = tqdm(range(steps), desc=f"epoch {state.epoch + 1}/{config.epochs}", leave=False,
+               disable=not progress or state.rank != 0, dynamic_ncols=True)
+    for step in bar:
+        index = order[step * config.batch_size:(step + 1) * config.batch_size][state.rank::
+                                                                                state.world]
+        images = augment_batch(data.images[index], crop_padding=config.crop_padding,
+                               hflip=config.hflip, generator=augment_rng)
+        labels = data.labels[index]
+        logits, block_sal, channel_sal = runner(_to_input(transform(images), config.channels_last))
+        gates = [GateDecision(b, c) for b, c in zip(block_sal, channel_sal)]
+        loss, parts = training_loss(logits, gates, labels, config)
+        _check_finite(state, loss, step, steps)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        totals += torch.tensor([loss.item() * len(index),
+                                float((logits[-1].argmax(1) == labels).sum()), len(index)],
+                               dtype=torch.float64)
+        if step % 10 == 0 or step == steps - 1:
+            postfix = {"loss": f"{totals[0] / totals[2]:.3f}",
+                       "acc": f"{totals[1] / totals[2] * 100:.1f}"}
+            if "l1" in parts:
+                postfix["gates"] = f"{float(parts['l1']):.3f}"
+            bar.set_postfix(postfix, refresh=False)
+    bar.close()
+    if state.world > 1:
+        dist.all_reduce(totals)
+    return {"train_loss": float(totals[0] / totals[2]),
+            "train_accuracy": float(totals[1] / totals[2]),
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "train_time_s": time.perf_counter() - start}
+
+
+def _check_finite(state: _State, loss: Tensor, step: int, steps: int) -> None:
+    value = loss.detach().clone().reshape(1).double()
+    if state.world > 1:
+        dist.all_reduce(value)  # every process sees a NaN anywhere, so all stop together
+    if torch.isfinite(value).all():
+        return
+    if state.last_saved is not None and state.checkpoint_path is not None:
+        kept = (f"the last good checkpoint is {state.checkpoint_path} (epoch {state.last_saved}),"
+                " left untouched")
+    else:
+        kept = "no checkpoint was written before (none requested or no epoch completed)"
+    raise NonFiniteLossError(
+        f"training loss is {loss.item()} at epoch {state.epoch + 1}, step {step + 1}/{steps} "
+        f"(lr {state.optimizer.param_groups[0]['lr']:.3g}); stopped before updating the "
+        f"weights; {kept}. Lower lr / gate_lr / l1_weight or check the data for NaN/inf."
+    )
+
+
+def _save(state: _State) -> None:
+    if state.checkpoint_path is None or state.rank != 0:
+        state.last_saved = state.epoch if state.checkpoint_path is not None else None
+        return
+    save_checkpoint(
+        state.checkpoint_path, state.model, train_config=state.config.to_dict(),
+        metrics=state.history[-1], history=state.history, epoch=state.epoch,
+        optimizer=state.optimizer, scheduler=state.scheduler, data=state.data_info,
+    )
+    state.last_saved = state.epoch

@@ -1,0 +1,207 @@
+"""Trained backbones on disk: train one from a config, and the cached default model.
+
+``default_checkpoint()`` returns the checkpoint of ``configs/backbones/fashion_mnist_tiny.yaml``,
+training it once (about 10 minutes on 2 CPU cores) if the cache does not hold it yet. Cache
+entries are keyed by a hash of the resolved training config (``TrainConfig.fingerprint``), so
+changing any field that changes the trained model trains a new entry; the cache folder is
+``$SPECIALIZE_CACHE`` or ``~/.cache/specialize``. An interrupted training resumes from its
+last completed epoch on the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from backbones import create_backbone
+from backbones.checkpoint import CheckpointError, read_checkpoint
+from backbones.multi_exit import MultiExitNet
+from backbones.train import TrainConfig, TrainResult, config_fingerprint, train
+from specialize.config import apply_overrides, from_dict, load_yaml
+from streams.datasets import load_dataset
+from streams.transforms import InputTransform
+
+CACHE_ENV = "SPECIALIZE_CACHE"
+DEFAULT_CONFIG = (
+    Path(__file__).resolve().parents[1] / "configs" / "backbones" / "fashion_mnist_tiny.yaml"
+)
+
+CheckpointStatus = Literal["complete", "partial", "missing", "corrupt", "other"]
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$SPECIALIZE_CACHE`` or ``~/.cache/specialize``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "specialize"
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a backbone training config (YAML) and apply ``key=value`` overrides.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ConfigError: Invalid YAML, unknown key or invalid value.
+    """
+    data = apply_overrides(load_yaml(path), list(overrides))
+    return from_dict(TrainConfig, data, where=Path(path).stem)
+
+
+def cache_path(config: TrainConfig, name: str = "backbone") -> Path:
+    """The cache file of ``config``: ``<cache>/backbones/<name>-<config hash>.pt``."""
+    return cache_dir() / "backbones" / f"{name}-{config.fingerprint()}.pt"
+
+
+def checkpoint_status(path: str | Path, config: TrainConfig) -> CheckpointStatus:
+    """What ``path`` holds for ``config``.
+
+    Returns:
+        ``complete`` (finished training of this config), ``partial`` (interrupted: resume
+        it), ``missing`` (no file), ``corrupt`` (unreadable) or ``other`` (another config).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError:
+        return "corrupt"
+    if config_fingerprint(ckpt.get("train_config") or {}) != config.fingerprint():
+        return "other"
+    return "complete" if int(ckpt.get("epoch", 0)) >= config.epochs else "partial"
+
+
+def load_data(config: TrainConfig) -> tuple[Any, Any]:
+    """The training split and the evaluation split a config names (with its limits)."""
+    train_data = load_dataset(config.dataset, split="train", root=config.data_root,
+                              **config.dataset_args)
+    eval_data = load_dataset(config.dataset, split=config.eval_split, root=config.data_root,
+                             **config.dataset_args)
+    if config.train_limit is not None:
+        train_data = train_data.subset(range(min(config.train_limit, len(train_data))))
+    if config.eval_limit is not None:
+        eval_data = eval_data.subset(range(min(config.eval_limit, len(eval_data))))
+    return train_data, eval_data
+
+
+def build_model(config: TrainConfig, data: Any) -> MultiExitNet:
+    """Seed the global RNG with ``config.seed`` and build the model the config names for data."""
+    _, channels, height, width = data.images.shape
+    kwargs = {"num_classes": len(data.class_names), "in_chans": int(channels),
+              "input_size": (int(channels), int(height), int(width))}
+    kwargs.update(config.model_args)
+    if "in_chans" in config.model_args and "input_size" not in config.model_args:
+        kwargs["input_size"] = (int(kwargs["in_chans"]), int(height), int(width))
+    torch.manual_seed(config.seed)
+    return create_backbone(config.arch, gating=config.gating, gate_mode=config.gate_mode,
+                           **kwargs)
+
+
+def train_from_config(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Load the data, build the model and train it, writing ``out`` after every epoch.
+
+    Works alone or under ``torchrun --nproc_per_node=N`` (gloo process group, created here
+    when ``WORLD_SIZE > 1``).
+
+    Args:
+        config: The training config.
+        out: Checkpoint path.
+        resume: Checkpoint of an interrupted run of the same config to continue from.
+        progress: Progress bars and per-epoch summaries (rank 0 only).
+
+    Returns:
+        What ``backbones.train.train`` returns.
+    """
+    with _process_group() as world:
+        if config.num_threads:
+            torch.set_num_threads(max(1, config.num_threads // world))
+        train_data, eval_data = load_data(config)
+        model = build_model(config, train_data)
+        in_chans, height, width = model.input_size
+        transform = InputTransform(train_data.mean, train_data.std, in_chans=in_chans,
+                                   size=(height, width))
+        return train(model, train_data, eval_data, config, transform=transform,
+                     checkpoint_path=out, resume_from=resume, progress=progress)
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        yield world
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def default_checkpoint(
+    config_path: str | Path = DEFAULT_CONFIG,
+    *,
+    overrides: Sequence[str] = (),
+    train_if_missing: bool = True,
+    progress: bool = True,
+) -> Path:
+    """The checkpoint of a backbone config from the cache, trained first if needed.
+
+    Args:
+        config_path: Training config; default ``configs/backbones/fashion_mnist_tiny.yaml``.
+        overrides: ``key=value`` overrides of the config (part of the cache key).
+        train_if_missing: Train (or finish an interrupted training) when the cache lacks it.
+        progress: Show training progress.
+
+    Returns:
+        Path of the finished checkpoint (load it with ``backbones.checkpoint.load_checkpoint``).
+
+    Raises:
+        FileNotFoundError: Not cached and ``train_if_missing`` is False.
+    """
+    config = load_train_config(config_path, overrides)
+    path = cache_path(config, Path(config_path).stem)
+    if checkpoint_status(path, config) == "complete":
+        return path
+    if not train_if_missing:
+        raise FileNotFoundError(
+            f"no trained checkpoint of {config_path} in the cache ({path}); run `specialize "
+            f"train {config_path}` or call default_checkpoint(train_if_missing=True)"
+        )
+    with _file_lock(path.with_name(path.name + ".lock")):
+        status = checkpoint_status(path, config)  # another process may have trained it
+        if status == "complete":
+            return path
+        if status in ("corrupt", "other"):
+            print(f"specialize: {path} is {'corrupt' if status == 'corrupt' else 'stale'}; "
+                  "training it again", file=sys.stderr)
+            path.unlink()
+        if progress:
+            print(f"specialize: training {Path(config_path).name} once (about 10 minutes on 2 "
+                  f"CPU cores); it is cached at {path}", file=sys.stderr)
+        train_from_config(config, path, resume=path if status == "partial" else None,
+                          progress=progress)
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
