@@ -34,7 +34,8 @@ class StepOutput:
         confidence: Confidence of the answering exit ``(B,)``.
         flops: FLOPs spent on each sample ``(B,)`` (a multiply-add counts 2).
         selected_logits: Logits of the answering exit ``(B, C)``.
-        features: Per evaluated exit, the head inputs, rows aligned with the batch.
+        features: Per evaluated exit, the head inputs: rows aligned with the batch, or a
+            ``(features_k, rows_k)`` pair naming the batch rows it holds.
         valid: Which samples were processed ``(B,)`` bool.
     """
 
@@ -89,6 +90,50 @@ def reference_step(model: torch.nn.Module, x: Tensor, policy: ExitPolicy) -> Ste
         flops=flops, selected_logits=selected, features=outputs.features,
         valid=torch.ones(batch, dtype=torch.bool),
     )
+
+
+class ExecutorStep:
+    """Engine step routine backed by ``backbones.executor.DynamicExecutor`` (real skipping).
+
+    The executor folds BatchNorm once, at construction, and reads the heads live, so head
+    updates are seen at the next step. Batch 1 runs the sliced per-sample path; larger
+    batches compact samples that have exited.
+
+    Args:
+        model: The multi-exit model (a ``MultiExitNet`` built from timm ResNet blocks).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from backbones.executor import DynamicExecutor
+
+        self.model = model
+        self.executor = DynamicExecutor(model.eval())
+
+    def __call__(self, model: torch.nn.Module, x: Tensor, policy: ExitPolicy) -> StepOutput:
+        """Run one batch through the executor and convert its result."""
+        if model is not self.model:
+            raise ValueError("this ExecutorStep was built for another model")
+        result = self.executor.run(x, policy.thresholds, policy.measure)
+        return StepOutput(
+            pred=result.pred, exit_index=result.exit_index, confidence=result.confidence,
+            flops=result.flops, selected_logits=result.logits,
+            features=list(zip(result.features, result.evaluated)),
+            valid=torch.ones(x.shape[0], dtype=torch.bool),
+        )
+
+
+def make_step_fn(model: torch.nn.Module, executor: bool):
+    """The executor step when asked for and supported, else the reference lazy forward."""
+    if not executor:
+        return reference_step
+    try:
+        return ExecutorStep(model)
+    except NotImplementedError as err:
+        import warnings
+
+        warnings.warn(f"dynamic executor unavailable ({err}); using the reference forward",
+                      stacklevel=2)
+        return reference_step
 
 
 @dataclass
@@ -222,7 +267,11 @@ def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -
         return full
     for name in ("pred", "exit_index", "confidence", "flops", "selected_logits"):
         getattr(full, name)[valid] = getattr(output, name).to(getattr(full, name).dtype)
+    valid_rows = valid.nonzero().squeeze(1)
     for features in output.features:
+        if isinstance(features, tuple):  # (features_k, rows_k) from the executor
+            full.features.append((features[0], valid_rows[features[1]]))
+            continue
         rows = features.new_zeros((batch, *features.shape[1:]))
         rows[valid] = features
         full.features.append(rows)

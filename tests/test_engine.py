@@ -152,3 +152,36 @@ def test_engine_never_sees_labels():
     assert isinstance(batch, torch.Tensor) and batch.dtype == torch.float32
     assert not hasattr(stream, "labels")
     assert np.array_equal(stream.evaluator().labels.shape, (8,))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_executor_step_agrees_with_the_reference_step(batch):
+    from specialize.engine import ExecutorStep
+
+    model = tiny_model()
+    randomize_gates(model, seed=4)
+    policy = ExitPolicy(thresholds=0.3)
+    step = ExecutorStep(model)
+    for seed in range(3):
+        x = torch.randn(batch, *model.input_size, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = reference_step(model, x, policy)
+            fast = step(model, x, policy)
+        assert torch.equal(ref.exit_index, fast.exit_index)
+        assert torch.equal(ref.pred, fast.pred)
+        assert torch.equal(ref.flops, fast.flops)
+        assert torch.allclose(ref.selected_logits, fast.selected_logits, atol=1e-4)
+
+
+def test_executor_engine_feeds_the_updater():
+    from specialize.engine import ExecutorStep
+
+    stream = synthetic_stream(length=24)
+    model = tiny_model()
+    reference = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    updater = HeadUpdater(model, UpdaterConfig(update_every=4, batch_size=4, lr=0.05))
+    specializer = Specializer(model, ExitPolicy(thresholds=0.5), updater,
+                              step_fn=ExecutorStep(model))
+    specializer.run(stream, progress=False)
+    specializer.close()
+    assert any(not torch.equal(v, reference[k]) for k, v in model.heads.state_dict().items())

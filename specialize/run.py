@@ -1,0 +1,399 @@
+"""``specialize run``: a whole experiment from one config, written to a run folder.
+
+Steps: build the stream; load (or train and cache) the model; evaluate every exit once on the
+held-out sets (curves before); replay the stream twice, frozen and while specializing; evaluate
+again with the specialized heads (curves after); write ``summary.json``, ``report.md`` and
+plots. The engine never sees labels: they are read from the stream's evaluator only to score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import yaml
+
+import specialize
+from backbones.checkpoint import load_checkpoint
+from specialize import curves
+from specialize.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from specialize.drift import ClassCostTracker, ClassMixDriftDetector
+from specialize.engine import make_step_fn
+from specialize.evaluation import (
+    ExitPass,
+    curve_points,
+    exit_pass,
+    operating_point,
+    oracle_points,
+    per_class_at,
+)
+from specialize.policy import ExitPolicy
+from specialize.report import format_headline, write_report
+from specialize.specializer import Specializer
+from specialize.updater import HeadUpdater, UpdaterConfig
+from specialize.zoo import DEFAULT_CONFIG, default_checkpoint
+from streams.replay import Stream, build_stream
+from streams.scenarios import ScenarioConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to specialize."""
+
+    # checkpoint file; None -> the cached default, trained on first use from train_config
+    checkpoint: str | None = None
+    # training config of the default model (configs/backbones/...)
+    train_config: str = str(DEFAULT_CONFIG)
+
+
+@dataclass
+class PolicyConfig:
+    """How exits answer."""
+
+    # confidence measure: max_softmax | margin | neg_entropy
+    measure: str = "max_softmax"
+    # one threshold for all early exits, or one per early exit
+    thresholds: float | list[float] = 0.9
+
+
+@dataclass
+class EngineConfig:
+    """How the stream is served."""
+
+    # samples per engine step (1 = the on-device case)
+    batch_size: int = 1
+    # real skipping with backbones.executor.DynamicExecutor (false: the reference forward)
+    executor: bool = True
+    # malformed or non-finite inputs: error | skip (skipped samples are counted)
+    on_bad_input: str = "error"
+
+
+@dataclass
+class DriftConfig:
+    """Per-class compute tracking and the drift alarm."""
+
+    # samples per tracker window (drift plot resolution)
+    window: int = 250
+    # alarm on the predicted-class mix: none | class_mix
+    alarm: str = "none"
+    # class-mix alarm: reference/recent window size and total-variation threshold
+    alarm_window: int = 200
+    alarm_threshold: float = 0.3
+    # reset the heads to the base heads when the alarm fires
+    reset_on_alarm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alarm not in ("none", "class_mix"):
+            raise ValueError(f"drift.alarm must be none or class_mix, got {self.alarm!r}")
+
+
+@dataclass
+class EvaluationConfig:
+    """How the held-out curves are measured."""
+
+    # evaluation batch size (one pass of every exit)
+    batch_size: int = 256
+    # iso-accuracy target: the before curve's peak accuracy minus this many points
+    iso_drop: float = 0.5
+    # also replay the stream with the model frozen (the side-by-side baseline)
+    frozen_replay: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole experiment; every field can be overridden as ``section.key=value``."""
+
+    scenario: dict[str, Any] = field(default_factory=dict)  # a streams ScenarioConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    out: str | None = None  # run folder; None -> runs/<scenario>-<UTC time>
+    progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        ScenarioConfig.from_dict(self.scenario)  # validate early, with the field's name
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config, or a bare scenario file (defaults fill in the rest).
+
+    Plain ``key=value`` overrides whose key is a scenario field (``classes``, ``seed``,
+    ``length`` ...) apply to the scenario; dotted keys reach any section
+    (``updater.mode=sync``); ``out=DIR`` chooses the run folder.
+
+    Args:
+        path: YAML file, or the name of a file in configs/scenarios or configs/runs.
+        overrides: ``key=value`` strings.
+
+    Returns:
+        The validated run config.
+    """
+    data = load_yaml(_resolve(path))
+    if "scenario" not in data or not isinstance(data["scenario"], dict):
+        data = {"scenario": data}
+        data["scenario"].setdefault("name", Path(path).stem)
+    scenario_fields = {f.name for f in dataclasses.fields(ScenarioConfig)}
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    routed = []
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if "." not in key and key not in run_fields:
+            if key not in scenario_fields:
+                raise ConfigError(
+                    f"unknown key {key!r}: not a run field ({', '.join(sorted(run_fields))}) "
+                    f"nor a scenario field ({', '.join(sorted(scenario_fields))})")
+            text = f"scenario.{text.strip()}"
+        routed.append(text)
+    return from_dict(RunConfig, apply_overrides(data, routed))
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.exists():
+        return path
+    for folder in ("runs", "scenarios"):
+        candidate = CONFIG_DIR / folder / f"{path.stem}.yaml"
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"config {path} not found (also looked in {CONFIG_DIR}/runs and "
+                            f"{CONFIG_DIR}/scenarios)")
+
+
+def load_model(config: ModelConfig, *, progress: bool = True) -> tuple[torch.nn.Module, str]:
+    """Load the configured checkpoint, or the cached default (trained if missing)."""
+    path = config.checkpoint or default_checkpoint(config.train_config, progress=progress)
+    model, _ = load_checkpoint(path)
+    return model.eval(), str(path)
+
+
+def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
+    """Run the experiment a config describes and write its report.
+
+    Returns:
+        ``(summary, run_folder)``.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    model, checkpoint = load_model(config.model, progress=config.progress)
+    stream = build_stream(config.scenario, in_chans=model.input_size[0],
+                          input_size=tuple(model.input_size[1:]))
+    timings["load"] = time.perf_counter() - clock
+    policy = ExitPolicy(config.policy.measure, _thresholds(config.policy.thresholds))
+    thresholds = policy.thresholds_tensor(model.num_exits)
+
+    before = _timed(timings, "curves_before", lambda: _eval_sets(model, stream, config, "before"))
+    base_heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    frozen = None
+    if config.evaluation.frozen_replay:
+        frozen = _timed(timings, "stream_frozen", lambda: _replay(model, stream, policy, config,
+                                                                   specialize_heads=False))
+    special = _timed(timings, "stream_specializing",
+                     lambda: _replay(model, stream, policy, config, specialize_heads=True))
+    after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
+    summary = _summary(config, model, checkpoint, stream, policy, thresholds, before, after,
+                       frozen, special, timings)
+    model.heads.load_state_dict(base_heads)
+    out_dir = _out_dir(config, stream)
+    write_report(summary, out_dir)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    torch.save(special["heads"], out_dir / "specialized_heads.pt")
+    return summary, out_dir
+
+
+def _thresholds(value: float | list[float]) -> float | tuple[float, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _timed(timings: dict[str, float], name: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - start
+    return result
+
+
+def _eval_sets(model, stream: Stream, config: RunConfig, phase: str) -> dict[str, ExitPass]:
+    passes = {}
+    for split, data in (("in", stream.eval_in), ("out", stream.eval_out)):
+        if data is None:
+            passes[split] = None
+            continue
+        passes[split] = exit_pass(
+            model, data.images, data.labels, stream.transform, measure=config.policy.measure,
+            batch_size=config.evaluation.batch_size, progress=config.progress,
+            desc=f"eval_{split} ({phase})",
+        )
+    return passes
+
+
+def _replay(model, stream: Stream, policy: ExitPolicy, config: RunConfig, *,
+            specialize_heads: bool) -> dict[str, Any]:
+    heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    updater = HeadUpdater(model, config.updater) if specialize_heads else None
+    tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window)
+    alarm = None
+    if config.drift.alarm == "class_mix":
+        alarm = ClassMixDriftDetector(model.num_classes, config.drift.alarm_window,
+                                      config.drift.alarm_threshold)
+    specializer = Specializer(model, policy, updater, tracker=tracker, alarm=alarm,
+                              reset_on_alarm=config.drift.reset_on_alarm,
+                              step_fn=make_step_fn(model, config.engine.executor),
+                              on_bad_input=config.engine.on_bad_input)
+    try:
+        result = specializer.run(stream, batch_size=config.engine.batch_size,
+                                 progress=config.progress,
+                                 desc="specializing" if specialize_heads else "frozen")
+    finally:
+        specializer.close()
+    tracker.close_window()
+    labels = stream.evaluator().labels
+    valid = result.valid
+    correct = result.pred[valid] == labels[valid]
+    record = {
+        "accuracy": 100.0 * float(correct.double().mean()) if valid.any() else float("nan"),
+        "mean_flops": float(result.flops[valid].double().mean()) if valid.any() else float("nan"),
+        "exit_histogram": result.exit_histogram(model.num_exits),
+        "samples_per_second": len(result.pred) / max(result.seconds, 1e-9),
+        "skipped": result.skipped,
+        "tracker": tracker,
+        "heads": {k: v.clone() for k, v in model.heads.state_dict().items()},
+        "alarms": specializer.alarm_hook.alarms if specializer.alarm_hook else [],
+    }
+    if updater is not None:
+        record["updater"] = updater.stats()
+    else:
+        model.heads.load_state_dict(heads_before)
+    return record
+
+
+def _curve_section(passes: dict[str, ExitPass | None], fn) -> dict[str, Any]:
+    return {split: (fn(p) if p is not None else None) for split, p in passes.items()}
+
+
+def _summary(config, model, checkpoint, stream, policy, thresholds, before, after, frozen,
+             special, timings) -> dict[str, Any]:
+    iso = _iso_accuracy(before["in"], after["in"], config.evaluation.iso_drop)
+    ops = {phase: _curve_section(passes, lambda p: operating_point(p, thresholds))
+           for phase, passes in (("before", before), ("after", after))}
+    out_change = None
+    if ops["before"]["out"] is not None:
+        out_change = ops["after"]["out"]["accuracy"] - ops["before"]["out"]["accuracy"]
+    stream_section = {"specializing": _stream_record(special)}
+    if frozen is not None:
+        stream_section["frozen"] = _stream_record(frozen)
+    return {
+        "scenario": {**stream.config.to_dict(), "name": stream.name,
+                     "classes": list(stream.classes), "length": len(stream),
+                     "fingerprint": stream.fingerprint,
+                     "phase_boundaries": list(stream.phase_boundaries)},
+        "model": {"name": model.name, "num_exits": model.num_exits,
+                  "exit_flops": [int(i["flops"]) for i in model.exit_info],
+                  "gating": bool(model.gating), "gate_mode": model.gate_mode,
+                  "checkpoint": checkpoint, "flops_unit": "FLOPs (a multiply-add counts 2)"},
+        "class_names": list(stream.class_names),
+        "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds.tolist()],
+        "measure": policy.measure,
+        "curves": {phase: _curve_section(passes, curve_points)
+                   for phase, passes in (("before", before), ("after", after))},
+        "operating_points": ops,
+        "oracle": _curve_section(before, oracle_points),
+        "iso_accuracy": iso,
+        "eval_out_accuracy_change": out_change,
+        "eval_in_peak_accuracy": {
+            "before": _peak(before["in"]), "after": _peak(after["in"])},
+        "per_class": _per_class(stream, before, after, thresholds, special["tracker"]),
+        "stream": stream_section,
+        "drift": {"window": config.drift.window, "history": special["tracker"].history(),
+                  "alarms": special["alarms"]},
+        "updater": special.get("updater"),
+        "timings": timings,
+        "versions": {"specialize": specialize.__version__, "torch": torch.__version__,
+                     "timm": timm.__version__, "python": platform.python_version()},
+    }
+
+
+def _iso_accuracy(before: ExitPass | None, after: ExitPass | None, drop: float) -> dict:
+    if before is None or after is None:
+        return {}
+    curve = {}
+    for name, p in (("before", before), ("after", after)):
+        curve[name] = curves.pareto_front(curves.sweep(
+            p.confidence.numpy(), p.correct.numpy(), p.flops.numpy()))
+    oracle = curves.oracle_curve(before.correct.numpy(), before.flops.numpy())
+    return curves.iso_accuracy(curve["before"], curve["after"], oracle, drop=drop)
+
+
+def _peak(result: ExitPass | None) -> float | None:
+    if result is None:
+        return None
+    sweep = curves.sweep(result.confidence.numpy(), result.correct.numpy(), result.flops.numpy())
+    return float(sweep.accuracy.max())
+
+
+def _stream_record(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "mean_flops", "exit_histogram", "samples_per_second", "skipped")
+    out = {key: record[key] for key in keys}
+    if "updater" in record:
+        out["updates"] = record["updater"].get("updates")
+    return out
+
+
+def _per_class(stream, before, after, thresholds, tracker) -> list[dict[str, Any]]:
+    num_classes = stream.num_classes
+    tables = {}
+    for phase, passes in (("before", before), ("after", after)):
+        parts = [p for p in (passes["in"], passes["out"]) if p is not None]
+        merged = ExitPass(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("confidence", "pred", "flops", "labels")))
+        tables[phase] = per_class_at(merged, thresholds, num_classes)
+    history = tracker.history()
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    rows = []
+    for c in range(num_classes):
+        rows.append({
+            "class": c, "name": stream.class_names[c], "in_stream": c in stream.classes,
+            "flops_before": _num(tables["before"]["flops"][c]),
+            "flops_after": _num(tables["after"]["flops"][c]),
+            "accuracy_before": _num(tables["before"]["accuracy"][c]),
+            "accuracy_after": _num(tables["after"]["accuracy"][c]),
+            "stream_flops_first_window": _window_flops(first, c),
+            "stream_flops_last_window": _window_flops(last, c),
+        })
+    return rows
+
+
+def _window_flops(entry: dict[str, Any], c: int) -> float | None:
+    value = entry.get("mean_flops", {}).get(c, entry.get("mean_flops", {}).get(str(c)))
+    return _num(value) if value is not None else None
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _out_dir(config: RunConfig, stream: Stream) -> Path:
+    if config.out:
+        path = Path(config.out)
+    else:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{stream.name}-{stamp}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def headline(summary: dict[str, Any], out_dir: Path) -> str:
+    """The lines printed at the end of a run."""
+    return format_headline(summary, report_dir=out_dir)
