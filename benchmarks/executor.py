@@ -8,7 +8,11 @@ Runs, side by side in one process on the same Fashion-MNIST test inputs:
   (BatchNorm folded, functional convs): the same FLOPs with the executor's engine, to separate
   what the engine gains from what skipping gains;
 * ``reference``: the gated model's masked forward over every exit + ``select_exits``;
-* ``executor``: ``DynamicExecutor(model).run`` (sliced at batch 1, compaction when batched).
+* ``executor``: ``DynamicExecutor(model).run`` (sliced at batch 1, compaction when batched;
+  batches run channels_last from the stem output on).
+
+``--channels-last`` also converts the static and reference models (the fair comparison for
+the batched numbers: the plain static model cannot switch layout after its 1-channel stem).
 
 Repeats are interleaved (the order rotates every repeat) and the median wall time is kept.
 ``flops_ratio`` = static FLOPs / executor's mean accounted FLOPs, ``speedup`` = static time /
@@ -47,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gated model checkpoint (default: the cached default model if "
                              "present, else a random tiny_resnet with random gate biases)")
     parser.add_argument("--static-checkpoint", default=None,
-                        help="trained ungated checkpoint for the static baseline (default: the "
-                             "gated model's weights without its gates)")
+                        help="trained ungated checkpoint for the static baseline, or 'auto' for "
+                             "the cached fashion_mnist_tiny_ungated model (default: the gated "
+                             "model's weights without its gates; same timing, lower accuracy)")
     parser.add_argument("--threshold", type=float, default=0.9,
                         help="confidence threshold of every early exit")
     parser.add_argument("--measure", default="max_softmax", help="confidence measure")
@@ -64,18 +69,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--save", default=None, help="also write the JSON object to this file")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 # -- models --------------------------------------------------------------------------------
 
-def default_checkpoint_path() -> Path | None:
-    """The cached default model, if it exists (never trains)."""
-    try:
-        from specialize.zoo import default_checkpoint
+def default_checkpoint_path(config: str | None = None) -> Path | None:
+    """The cached default model (or the model of another zoo config), if it exists.
 
-        return default_checkpoint(train_if_missing=False, progress=False)
+    Never trains: the benchmark falls back to a random model instead.
+    """
+    try:
+        from specialize.zoo import DEFAULT_CONFIG, default_checkpoint
+
+        path = DEFAULT_CONFIG if config is None else DEFAULT_CONFIG.with_name(config)
+        return default_checkpoint(path, train_if_missing=False, progress=False)
     except (FileNotFoundError, ImportError):
         return None
 
@@ -106,12 +116,18 @@ def load_models(args: argparse.Namespace) -> tuple[MultiExitNet, MultiExitNet, s
     else:
         gated = random_gated_model(args.gate_mode, args.seed)
         source = f"random tiny_resnet ({args.gate_mode}, seed {args.seed}; no checkpoint)"
-    if args.static_checkpoint:
-        static, _ = load_checkpoint(args.static_checkpoint)
+    static_path = args.static_checkpoint
+    if static_path == "auto":
+        static_path = default_checkpoint_path("fashion_mnist_tiny_ungated.yaml")
+        if static_path is None:
+            sys.exit("--static-checkpoint auto: no cached fashion_mnist_tiny_ungated model; run "
+                     "`specialize train configs/backbones/fashion_mnist_tiny_ungated.yaml`")
+    if static_path:
+        static, _ = load_checkpoint(static_path)
         if static.gating or static.name != gated.name:
             sys.exit(f"--static-checkpoint must be an ungated {gated.name}, got "
                      f"{static.name} (gating={static.gating})")
-        static_source = args.static_checkpoint
+        static_source = str(static_path)
     else:
         static = create_backbone(gated.name, **{**gated.build_args, "gating": False})
         own = static.state_dict()
@@ -290,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
             report[key] = summarise(times, outputs, labels[:count], static_flops, count)
             report[key]["batch_size"] = batch_size
             report[key]["threshold"] = args.threshold
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

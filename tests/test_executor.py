@@ -116,6 +116,20 @@ def test_other_confidence_measures_match_reference(measure):
         assert int(single.exit_index) == int(ref.exit_index[i])
 
 
+@pytest.mark.parametrize("gate_mode", ["parallel", "sequential"])
+def test_batched_memory_formats_agree(gate_mode):
+    model = _gated_model("tiny_resnet_bottleneck", gate_mode, seed=5)
+    x = torch.randn(NUM_SAMPLES, *model.input_size)
+    thresholds = _thresholds(model, x)
+    ref = reference_result(model, x, thresholds)
+    for channels_last in (True, False):
+        result = DynamicExecutor(model, channels_last=channels_last).run(x, thresholds)
+        _check_agrees(result, ref)
+        assert result.features[0].is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+
+
 def test_batched_features_are_the_evaluated_rows_of_the_reference():
     model = _gated_model("tiny_resnet", "sequential", seed=1)
     x = torch.randn(NUM_SAMPLES, *model.input_size)
