@@ -96,6 +96,12 @@ class MultiExitNet(nn.Module):
             for s, f in zip(exit_stages, self.cost_profile.exit_flops())
         ]
 
+    def refresh_cost_profile(self) -> None:
+        """Re-measure ``cost_profile`` and ``exit_info`` FLOPs (after heads were replaced)."""
+        self.cost_profile = profile_cost(self, self.input_size)
+        for info, flops in zip(self.exit_info, self.cost_profile.exit_flops()):
+            info["flops"] = flops
+
     @property
     def num_exits(self) -> int:
         """Number of exits."""

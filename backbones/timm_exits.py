@@ -68,6 +68,12 @@ class IntermediateExitNet(nn.Module):
             for s, f in zip(self.exit_stages, self.cost_profile.exit_flops())
         ]
 
+    def refresh_cost_profile(self) -> None:
+        """Re-measure ``cost_profile`` and ``exit_info`` FLOPs (after heads were replaced)."""
+        self.cost_profile = self._profile()
+        for info, flops in zip(self.exit_info, self.cost_profile.exit_flops()):
+            info["flops"] = flops
+
     @property
     def num_exits(self) -> int:
         """Number of exits."""

@@ -25,6 +25,7 @@ import yaml
 import specialize
 from backbones.checkpoint import load_checkpoint
 from specialize import curves
+from specialize.anchoring import unanchor_heads
 from specialize.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import make_step_fn
@@ -209,6 +210,7 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
     summary = _summary(config, model, checkpoint, stream, policy, thresholds, before, after,
                        frozen, special, timings)
+    unanchor_heads(model)  # an anchored strategy wrapped the early heads
     model.heads.load_state_dict(base_heads)
     out_dir = _out_dir(config, stream)
     write_report(summary, out_dir)

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specialize.anchoring import AnchoredHead, anchor_heads
+
 __all__ = [
     "HeadUpdater",
     "ReplayBuffer",
@@ -66,6 +68,7 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
+STRATEGIES = ("plain", "anchored")
 _STATE_VERSION = 1
 _MIB = 2**20
 _STOP = object()  # queue sentinel that ends the background thread
@@ -85,6 +88,12 @@ class UpdaterConfig:
     # "sync": update inline every update_every samples (deterministic); "async": background
     # thread trains a shadow copy of the heads and publishes it atomically
     mode: str = "sync"
+    # "plain": serve the specialized early heads as they are; "anchored": serve each as a
+    # mixture with its frozen original head (specialize.anchoring), so that inputs the
+    # original head doubts are not answered early because the specialized head is sure
+    strategy: str = "plain"
+    # anchored only: weight of the specialized head in the mixture, in (0, 1)
+    anchor_weight: float = 0.5
     # pseudo-label kind: "hard" (argmax of the selected exit) or "soft" (its softened softmax)
     target: str = "hard"
     # softening temperature of "soft" targets; the student is softened alike and the loss
@@ -128,6 +137,8 @@ class UpdaterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, ("sync", "async"))
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_number("anchor_weight", self.anchor_weight, low=0.0, high=1.0)
         _check_choice("target", self.target, ("hard", "soft"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         _check_number("temperature", self.temperature, low=0.0)
@@ -187,8 +198,13 @@ def configure_model(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     for head in model.heads[:-1]:
-        head.requires_grad_(True)
+        _trainable(head).requires_grad_(True)
     return model
+
+
+def _trainable(head: nn.Module) -> nn.Module:
+    """The part of an exit head that specializes: an anchored head's ``spec``, else all."""
+    return head.spec if isinstance(head, AnchoredHead) else head
 
 
 def collect_params(model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
@@ -569,7 +585,9 @@ def _precomputed_prefix(head: nn.Module) -> int:
 class HeadUpdater:
     """Specializes the early exit heads of a multi-exit model online (see the module doc).
 
-    Construction calls :func:`configure_model` and :func:`check_model`, saves the base heads
+    Construction calls :func:`configure_model` and :func:`check_model`, anchors the early heads
+    when ``config.strategy == "anchored"`` (:func:`specialize.anchoring.anchor_heads`: the
+    model then serves mixtures and the updater trains their ``spec`` parts), saves the base heads
     (for :meth:`reset`), sizes the replay buffers from ``config.buffer_mb`` and, in ``async``
     mode, starts the background thread.
 
@@ -591,7 +609,7 @@ class HeadUpdater:
         self.num_exits = len(model.heads)
         self.num_classes = int(model.num_classes)
         self.error: BaseException | None = None
-        self._serving_heads = nn.ModuleList(list(model.heads)[:-1])
+        self._serving_heads = self._early_heads(model)
         self._splits = [_precomputed_prefix(head) for head in self._serving_heads]
         self._prefixes = [head[:split] if split else None
                           for head, split in zip(self._serving_heads, self._splits)]
@@ -625,6 +643,17 @@ class HeadUpdater:
             self._start_thread()
 
     # ---- construction helpers
+
+    def _early_heads(self, model: nn.Module) -> nn.ModuleList:
+        """The trainable early heads; anchors them first for the anchored strategy."""
+        if self.config.strategy == "anchored":
+            return nn.ModuleList(anchor_heads(model, self.config.anchor_weight))
+        if any(isinstance(head, AnchoredHead) for head in model.heads):
+            raise ValueError(
+                "the model's heads are anchored (by an earlier anchored HeadUpdater) but this "
+                "updater's strategy is 'plain'; use strategy='anchored' or first call "
+                "specialize.anchoring.unanchor_heads(model)")
+        return nn.ModuleList(list(model.heads)[:-1])
 
     def _build_buffers(self) -> list[ReplayBuffer]:
         param = next(self._serving_heads[0].parameters())

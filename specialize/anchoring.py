@@ -1,0 +1,102 @@
+"""Anchored exit heads: a specialized head served as a mixture with its frozen original.
+
+Specializing an early head on the stream's pseudo-labels makes it confident on the stream's
+classes, also for inputs of other classes that look alike: the plain recipe answers those
+early and wrongly. An anchored head answers with the mixture
+
+    p(c | x) = (1 - w) * p_base(c | x) + w * p_spec(c | x)
+
+of the frozen original head and the specialized one (``w`` is ``anchor_weight``). The mixture
+is confident only where both heads agree: where the original head already leans the same way
+the specialized head adds its confidence, elsewhere the original head's doubt keeps the
+sample going deeper. It returns log-probabilities as logits, so ``softmax`` of its output is
+the mixture exactly and every confidence measure sees the mixture.
+
+While the specialized head equals the original (at the start and after a reset) the mixture
+is the original head's distribution, so anchoring changes nothing until training moves it.
+Serving an anchored head runs the head twice: two small linear layers on shared pooled
+features. Callers refresh the model's cost profile after anchoring so the FLOPs reported
+include it (:func:`anchor_heads` does).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AnchoredHead(nn.Module):
+    """Serves ``(1 - weight) * softmax(base(x)) + weight * softmax(spec(x))`` as log-probs.
+
+    Args:
+        spec: The head that is specialized (trained in place by the updater).
+        base: A frozen copy of the original head.
+        weight: Mixture weight of ``spec`` in ``(0, 1)`` (strategy ``plain`` is weight 1).
+    """
+
+    def __init__(self, spec: nn.Module, base: nn.Module, weight: float) -> None:
+        super().__init__()
+        if not 0.0 < weight < 1.0:
+            raise ValueError(f"anchor weight must lie in (0, 1), got {weight}")
+        self.spec = spec
+        self.base = base
+        self.weight = float(weight)
+        self._log_weights = (math.log1p(-weight), math.log(weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Log of the mixture probabilities, ``(B, C)``."""
+        log_spec = F.log_softmax(self.spec(x), dim=1)
+        log_base = F.log_softmax(self.base(x), dim=1)
+        return torch.logaddexp(log_base + self._log_weights[0], log_spec + self._log_weights[1])
+
+    def extra_repr(self) -> str:
+        """Shown by ``repr``: the mixture weight."""
+        return f"weight={self.weight}"
+
+
+def anchor_heads(model: nn.Module, weight: float) -> list[nn.Module]:
+    """Anchor the early heads of ``model`` in place (the final head stays as it is).
+
+    Each early head ``h`` becomes ``AnchoredHead(spec=h, base=frozen copy of h)``; the model's
+    cost profile and ``exit_info`` are refreshed when it can (``refresh_cost_profile``).
+    Anchoring an already anchored model only changes the weight.
+
+    Args:
+        model: A multi-exit model with ``heads`` (an ``nn.ModuleList``).
+        weight: Mixture weight of the specialized heads.
+
+    Returns:
+        The specialized (trainable) heads, in exit order: the modules the updater trains.
+    """
+    specs = []
+    for index, head in enumerate(list(model.heads)[:-1]):
+        if isinstance(head, AnchoredHead):
+            model.heads[index] = AnchoredHead(head.spec, head.base, weight)
+        else:
+            base = copy.deepcopy(head).requires_grad_(False)
+            model.heads[index] = AnchoredHead(head, base, weight)
+        specs.append(model.heads[index].spec)
+    _refresh_cost(model)
+    return specs
+
+
+def unanchor_heads(model: nn.Module) -> None:
+    """Serve the specialized heads alone again (drops the frozen originals)."""
+    for index, head in enumerate(model.heads):
+        if isinstance(head, AnchoredHead):
+            model.heads[index] = head.spec
+    _refresh_cost(model)
+
+
+def is_anchored(model: nn.Module) -> bool:
+    """Whether any head of ``model`` is an :class:`AnchoredHead`."""
+    return any(isinstance(head, AnchoredHead) for head in model.heads)
+
+
+def _refresh_cost(model: nn.Module) -> None:
+    refresh = getattr(model, "refresh_cost_profile", None)
+    if callable(refresh):
+        refresh()
