@@ -28,7 +28,7 @@ from specialize import curves
 from specialize.anchoring import unanchor_heads
 from specialize.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
-from specialize.engine import make_step_fn
+from specialize.engine import EngineResult, make_step_fn
 from specialize.evaluation import (
     ExitPass,
     curve_points,
@@ -196,17 +196,17 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     stream = build_stream(config.scenario, in_chans=model.input_size[0],
                           input_size=tuple(model.input_size[1:]))
     timings["load"] = time.perf_counter() - clock
-    policy = ExitPolicy(config.policy.measure, _thresholds(config.policy.thresholds))
+    policy = build_policy(config)
     thresholds = policy.thresholds_tensor(model.num_exits)
 
     before = _timed(timings, "curves_before", lambda: _eval_sets(model, stream, config, "before"))
     base_heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
     frozen = None
     if config.evaluation.frozen_replay:
-        frozen = _timed(timings, "stream_frozen", lambda: _replay(model, stream, policy, config,
-                                                                   specialize_heads=False))
+        frozen = _timed(timings, "stream_frozen",
+                        lambda: _replay(model, stream, config, specialize_heads=False))
     special = _timed(timings, "stream_specializing",
-                     lambda: _replay(model, stream, policy, config, specialize_heads=True))
+                     lambda: _replay(model, stream, config, specialize_heads=True))
     after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
     summary = _summary(config, model, checkpoint, stream, policy, thresholds, before, after,
                        frozen, special, timings)
@@ -219,8 +219,47 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     return summary, out_dir
 
 
-def _thresholds(value: float | list[float]) -> float | tuple[float, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else float(value)
+def build_policy(config: RunConfig) -> ExitPolicy:
+    """The exit policy a run config describes."""
+    value = config.policy.thresholds
+    thresholds = tuple(value) if isinstance(value, (list, tuple)) else float(value)
+    return ExitPolicy(config.policy.measure, thresholds)
+
+
+def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
+                      tracker: ClassCostTracker | None = None) -> Specializer:
+    """A specializer wired as the run config says: policy, drift alarm, executor, bad input.
+
+    Args:
+        model: The multi-exit model.
+        config: The run config (its policy, drift and engine sections are read).
+        updater: The head updater, or ``None`` for a frozen replay.
+        tracker: Per-class compute tracker (default: one with ``drift.window``).
+
+    Returns:
+        The specializer; serve the stream with ``run_stream``'s threads setting.
+    """
+    alarm = None
+    if config.drift.alarm == "class_mix":
+        alarm = ClassMixDriftDetector(model.num_classes, config.drift.alarm_window,
+                                      config.drift.alarm_threshold)
+    tracker = tracker or ClassCostTracker(model.num_classes, model.num_exits,
+                                          config.drift.window)
+    return Specializer(model, build_policy(config), updater, tracker=tracker, alarm=alarm,
+                       reset_on_alarm=config.drift.reset_on_alarm,
+                       step_fn=make_step_fn(model, config.engine.executor),
+                       on_bad_input=config.engine.on_bad_input)
+
+
+def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
+                 desc: str = "stream") -> EngineResult:
+    """Run ``specializer`` over ``stream`` with the config's batch size and torch threads."""
+    try:
+        with _threads(config.engine.num_threads):
+            return specializer.run(stream, batch_size=config.engine.batch_size,
+                                   progress=config.progress, desc=desc)
+    finally:
+        specializer.close()
 
 
 def _timed(timings: dict[str, float], name: str, fn):
@@ -244,26 +283,14 @@ def _eval_sets(model, stream: Stream, config: RunConfig, phase: str) -> dict[str
     return passes
 
 
-def _replay(model, stream: Stream, policy: ExitPolicy, config: RunConfig, *,
+def _replay(model, stream: Stream, config: RunConfig, *,
             specialize_heads: bool) -> dict[str, Any]:
     heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
     updater = HeadUpdater(model, config.updater) if specialize_heads else None
     tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window)
-    alarm = None
-    if config.drift.alarm == "class_mix":
-        alarm = ClassMixDriftDetector(model.num_classes, config.drift.alarm_window,
-                                      config.drift.alarm_threshold)
-    specializer = Specializer(model, policy, updater, tracker=tracker, alarm=alarm,
-                              reset_on_alarm=config.drift.reset_on_alarm,
-                              step_fn=make_step_fn(model, config.engine.executor),
-                              on_bad_input=config.engine.on_bad_input)
-    try:
-        with _threads(config.engine.num_threads):
-            result = specializer.run(stream, batch_size=config.engine.batch_size,
-                                     progress=config.progress,
-                                     desc="specializing" if specialize_heads else "frozen")
-    finally:
-        specializer.close()
+    specializer = build_specializer(model, config, updater, tracker)
+    result = serve_stream(specializer, stream, config,
+                          "specializing" if specialize_heads else "frozen")
     tracker.close_window()
     labels = stream.evaluator().labels
     valid = result.valid
