@@ -28,7 +28,11 @@ config's confidence measure, for the original model and for the copy):
   1: better heads change the exits' answers, while the oracle is the original model's;
 * ``flops_ratio``: after / before mean FLOPs at that accuracy;
 * ``before-oracle MFLOPs``: the denominator of gap_closed (tiny for footwear, so its
-  gap_closed is noisy).
+  gap_closed is noisy);
+* ``after at exit-0 floor``: in how many seeds the supervised curve reaches the target with
+  exit 0 answering every sample, the cheapest point any head-only change can reach: there
+  gap_closed is capped and no longer grows with N (tshirt-vs-shirt: supervised exit 0 beats
+  the final exit).
 
 One row per (scenario, labelled samples): ``mean ± std (n)`` over seeds (sample std; ``n/N``
 when only n of N seeds defined the value); the accuracies are means over seeds. FLOPs count a
@@ -302,14 +306,18 @@ def ceiling_figures(before, after, drop: float) -> dict[str, Any]:
         drop: Iso-accuracy target: the before curve's peak minus this many points.
 
     Returns:
-        ``acc_before``/``acc_after`` (% per exit) and the iso-accuracy figures (``gap_closed``,
-        ``flops_ratio``, ``gap_mflops`` and the FLOPs at the target).
+        ``acc_before``/``acc_after`` (% per exit), the iso-accuracy figures (``gap_closed``,
+        ``flops_ratio``, ``gap_mflops`` and the FLOPs at the target), ``flops_floor`` (mean
+        FLOPs when exit 0 answers everything, the least any head-only change can cost) and
+        ``at_floor`` (whether the supervised curve reaches the target there: then
+        ``flops_after`` no longer depends on how good the heads are).
     """
     from specialize import curves
 
     num = _specialization()._num  # finite float or None, as the other benchmark records
     oracle = curves.oracle_curve(before.correct.numpy(), before.flops.numpy())
     iso = curves.iso_accuracy(_front(before), _front(after), oracle, drop=drop)
+    floor = float(after.flops[:, 0].double().mean())  # every sample answered at exit 0
     return {
         "acc_before": (100.0 * before.correct.double().mean(0)).tolist(),
         "acc_after": (100.0 * after.correct.double().mean(0)).tolist(),
@@ -320,6 +328,8 @@ def ceiling_figures(before, after, drop: float) -> dict[str, Any]:
         "flops_after": num(iso["flops_after"]),
         "flops_oracle": num(iso["flops_oracle"]),
         "gap_mflops": num((iso["flops_before"] - iso["flops_oracle"]) / 1e6),
+        "flops_floor": floor,
+        "at_floor": iso["flops_after"] <= floor * (1 + 1e-9),
     }
 
 
@@ -401,7 +411,8 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                             for k in range(exits)] for phase in ("before", "after")}
         rows.append({"scenario": scenario, "samples": samples,
                      "seeds": [r["seed"] for r in group], "metrics": metrics,
-                     "accuracy": accuracy})
+                     "accuracy": accuracy,
+                     "at_floor": sum(bool(r.get("at_floor")) for r in group)})
     return rows
 
 
@@ -416,14 +427,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     format_cell = _specialization().format_cell
     early = max((len(row["accuracy"]["before"]) - 1 for row in rows), default=0)
     header = ["scenario", "labelled", *(f"exit {k} acc" for k in range(early)),
-              *(title for _, title, _ in COLUMNS)]
+              *(title for _, title, _ in COLUMNS), "after at exit-0 floor"]
     lines = []
     for row in rows:
         acc = row["accuracy"]
         cells = [_accuracy_cell(acc["before"][k], acc["after"][k])
                  if k < len(acc["before"]) - 1 else "" for k in range(early)]
         lines.append([row["scenario"], str(row["samples"]), *cells,
-                      *(format_cell(row["metrics"][key], fmt, None) for key, _, fmt in COLUMNS)])
+                      *(format_cell(row["metrics"][key], fmt, None) for key, _, fmt in COLUMNS),
+                      f"{row['at_floor']}/{len(row['seeds'])}"])
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
                      for line in [header, *lines])
@@ -460,7 +472,9 @@ def format_report(report: dict[str, Any]) -> str:
              f"gap_closed, flops_ratio: iso-accuracy at the before curve's peak - "
              f"{'/'.join(f'{d:g}' for d in settings['iso_drops'])} pt "
              f"({'/'.join(settings['measures'])}), oracle of the original model; "
-             "before-oracle MFLOPs: gap_closed's denominator",
+             "before-oracle MFLOPs: gap_closed's denominator; after at exit-0 floor: seeds "
+             "whose supervised curve reaches the target with exit 0 answering everything (the "
+             "cheapest head-only point: gap_closed is then capped, the same for every N)",
              "mean ± std over seeds (n seeds; n/N: defined in n of N seeds)"]
     return "\n".join(lines)
 

@@ -59,10 +59,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+# The first recipe, as the engine and curves issues shipped it: SGD on the plain heads.
+_FIRST_RECIPE = ["updater.optimizer=sgd", "updater.lr=0.01", "updater.batch_size=32"]
 STRATEGIES: dict[str, list[str]] = {
-    "plain": ["updater.strategy=plain"],
-    "soft": ["updater.strategy=plain", "updater.target=soft"],
-    "anchored": ["updater.strategy=anchored"],
+    "plain": ["updater.strategy=plain", *_FIRST_RECIPE],
+    "soft": ["updater.strategy=plain", "updater.target=soft", *_FIRST_RECIPE],
+    "plain-adam": ["updater.strategy=plain"],
+    "anchored-sgd": ["updater.strategy=anchored", *_FIRST_RECIPE],
+    "anchored": ["updater.strategy=anchored"],  # the default (UpdaterConfig's defaults)
 }
 DEFAULT_SCENARIOS = ("tops", "footwear", "tshirt-vs-shirt", "switch")
 SWITCH = "switch"

@@ -91,7 +91,7 @@ class UpdaterConfig:
     # "plain": serve the specialized early heads as they are; "anchored": serve each as a
     # mixture with its frozen original head (specialize.anchoring), so that inputs the
     # original head doubts are not answered early because the specialized head is sure
-    strategy: str = "plain"
+    strategy: str = "anchored"
     # anchored only: weight of the specialized head in the mixture, in (0, 1)
     anchor_weight: float = 0.5
     # pseudo-label kind: "hard" (argmax of the selected exit) or "soft" (its softened softmax)
@@ -105,13 +105,13 @@ class UpdaterConfig:
     # observe() calls; in async mode, batches dropped from a full queue do not count)
     update_every: int = 32
     # mini-batch size drawn from each exit's replay buffer per step
-    batch_size: int = 32
+    batch_size: int = 128
     # optimizer steps per update round
     steps_per_update: int = 1
-    # "sgd" or "adam"
-    optimizer: str = "sgd"
+    # "adam" or "sgd" (the first recipe: sgd, lr 0.01, batch_size 32; see the README's table)
+    optimizer: str = "adam"
     # learning rate
-    lr: float = 0.01
+    lr: float = 0.001
     # SGD momentum (ignored by adam)
     momentum: float = 0.9
     # L2 weight decay

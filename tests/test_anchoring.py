@@ -148,7 +148,7 @@ def test_anchored_state_resumes_and_plain_refuses_an_anchored_model(base, shapes
         resumed.observe(*batch)
     assert_same(snapshot(model), snapshot(resumed_model))
     with pytest.raises(ValueError, match="anchored.*unanchor_heads"):
-        HeadUpdater(resumed_model, UpdaterConfig())
+        HeadUpdater(resumed_model, UpdaterConfig(strategy="plain"))
     anchor_heads(resumed_model, 0.25)  # re-anchoring keeps the frozen originals
     assert_same(snapshot(model), snapshot(resumed_model))
     assert resumed_model.heads[0].weight == 0.25

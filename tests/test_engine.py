@@ -69,9 +69,13 @@ def test_engine_rejects_bad_inputs_with_a_clear_error(bad, message):
         engine.step(bad)
 
 
+# the plain heads keep model.state_dict() keys as they are (anchoring wraps them)
+PLAIN_SGD = {"strategy": "plain", "optimizer": "sgd"}
+
+
 def test_nan_inputs_do_not_poison_the_heads():
     model = tiny_model()
-    updater = HeadUpdater(model, UpdaterConfig(update_every=2, batch_size=4))
+    updater = HeadUpdater(model, UpdaterConfig(update_every=2, batch_size=4, strategy="plain"))
     engine = Engine(model, ExitPolicy(thresholds=0.0), hooks=[updater], on_bad_input="skip")
     for _ in range(6):
         x = torch.randn(2, *model.input_size)
@@ -82,7 +86,7 @@ def test_nan_inputs_do_not_poison_the_heads():
 
 
 def _run_specializer(stream, model, stop=None, state=None, save_to=None):
-    updater = HeadUpdater(model, UpdaterConfig(update_every=8, batch_size=8, lr=0.05))
+    updater = HeadUpdater(model, UpdaterConfig(update_every=8, batch_size=8, lr=0.05, **PLAIN_SGD))
     specializer = Specializer(model, ExitPolicy(thresholds=0.5), updater)
     if state is not None:
         specializer.load(state, stream)
@@ -179,7 +183,7 @@ def test_executor_engine_feeds_the_updater():
     stream = synthetic_stream(length=24)
     model = tiny_model()
     reference = {k: v.clone() for k, v in model.heads.state_dict().items()}
-    updater = HeadUpdater(model, UpdaterConfig(update_every=4, batch_size=4, lr=0.05))
+    updater = HeadUpdater(model, UpdaterConfig(update_every=4, batch_size=4, lr=0.05, **PLAIN_SGD))
     specializer = Specializer(model, ExitPolicy(thresholds=0.5), updater,
                               step_fn=ExecutorStep(model))
     specializer.run(stream, progress=False)

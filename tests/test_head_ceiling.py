@@ -22,6 +22,15 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "head_ceiling.py"
 SYNTHETIC = {"num_classes": 10, "samples_per_class": 40, "image_size": 16}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny ops on 2 busy cores: OpenMP threads waiting for each other cost 10x
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("benchmark_head_ceiling", PATH)
@@ -145,6 +154,8 @@ def test_ceiling_figures(bench):
     better = bench.ceiling_figures(before, perfect, drop=0.5)
     assert better["acc_after"] == [100.0, 100.0, 100.0]
     assert better["flops_ratio"] < 1 and better["gap_closed"] > 1  # beats the original oracle
+    assert better["flops_after"] == better["flops_floor"] == 10 and better["at_floor"]
+    assert not same["at_floor"]
 
 
 def test_table_aggregates_over_seeds(bench):
@@ -152,7 +163,8 @@ def test_table_aggregates_over_seeds(bench):
         return {"scenario": scenario, "samples": samples, "seed": seed,
                 "acc_before": [80.0, 85.0, 90.0], "acc_after": [82.0 + seed, 86.0, 90.0],
                 "gap_closed": gap, "flops_ratio": 0.9, "gap_mflops": 2.0,
-                "checkpoint": "m.pt", "measure": "max_softmax", "iso_drop": 0.5}
+                "checkpoint": "m.pt", "measure": "max_softmax", "iso_drop": 0.5,
+                "at_floor": seed == 1}
 
     records = [record("tops", n, s, g) for n in (100, 200) for s, g in ((0, 0.5), (1, None))]
     rows = bench.table_rows(records)
@@ -163,6 +175,7 @@ def test_table_aggregates_over_seeds(bench):
     assert text.splitlines()[0].split()[:6] == ["scenario", "labelled", "exit", "0", "acc",
                                                 "exit"]
     assert "80.0 → 82.5" in text and "0.50 (1/2)" in text and "exit 2 acc" not in text
+    assert rows[0]["at_floor"] == 1 and text.splitlines()[1].endswith("1/2")
 
 
 def test_argument_errors(bench):

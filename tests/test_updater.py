@@ -86,7 +86,9 @@ def assert_same(a, b, where="state"):
 
 
 def fast_config(**kwargs):
-    kwargs = {"update_every": 16, "batch_size": 16, "buffer_mb": 1.0, **kwargs}
+    # The mechanics of the plain strategy (tests/test_anchoring.py covers the anchored one).
+    kwargs = {"update_every": 16, "batch_size": 16, "buffer_mb": 1.0, "strategy": "plain",
+              "optimizer": "sgd", "lr": 0.01, **kwargs}
     return UpdaterConfig(**kwargs)
 
 
@@ -445,11 +447,13 @@ def test_updater_buffer_keeps_rare_pseudo_classes(base, shapes):
 # ---- async mode
 
 
-def test_async_with_flush_equals_sync(base, shapes):
+@pytest.mark.parametrize("strategy", ["plain", "anchored"])
+def test_async_with_flush_equals_sync(base, shapes, strategy):
     states = []
     for mode in ("sync", "async"):
         model = copy.deepcopy(base)
-        with HeadUpdater(model, fast_config(mode=mode, optimizer="adam")) as updater:
+        config = fast_config(mode=mode, optimizer="adam", strategy=strategy)
+        with HeadUpdater(model, config) as updater:
             for batch in batches(shapes, 3):
                 updater.observe(*batch)
                 updater.flush()
@@ -465,7 +469,7 @@ def early_values(model):
 
 def test_async_publishing_is_atomic_under_concurrent_inference(base):
     model = copy.deepcopy(base)
-    with HeadUpdater(model, UpdaterConfig(mode="async")) as updater:
+    with HeadUpdater(model, fast_config(mode="async", update_every=32, batch_size=32)) as updater:
         versions = 60
 
         def publish(version):
