@@ -90,12 +90,14 @@ class DriftConfig:
     # samples per tracker window (drift plot resolution)
     window: int = 250
     # alarm on the predicted-class mix: none | class_mix
-    alarm: str = "none"
-    # class-mix alarm: reference/recent window size and total-variation threshold
-    alarm_window: int = 200
+    alarm: str = "class_mix"
+    # class-mix alarm: reference/recent window size and total-variation threshold (100
+    # samples: the switch scenario alarms 31-32 samples after its switch, no alarm before)
+    alarm_window: int = 100
     alarm_threshold: float = 0.3
-    # reset the heads to the base heads when the alarm fires
-    reset_on_alarm: bool = False
+    # reset the heads to the base heads when the alarm fires, so heads specialized for the
+    # past stop holding back the new classes (anchored heads need both heads to agree)
+    reset_on_alarm: bool = True
 
     def __post_init__(self) -> None:
         if self.alarm not in ("none", "class_mix"):
