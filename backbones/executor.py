@@ -488,13 +488,17 @@ class DynamicExecutor:
                 for stage, costs in zip(model.stages, profile.blocks)
             ]
         self.stem_flops = profile.stem
-        self.head_flops = list(profile.heads)
         self.heads = [_Head(model.heads, k) for k in range(self.num_exits)]
         self.schedule = [
             (blocks[s], [k for k, stage in enumerate(model.exit_stages) if stage == s])
             for s in range(model.exit_stages[-1] + 1)
         ]
         self._thresholds: dict[object, tuple[Tensor, list[Tensor]]] = {}
+
+    @property
+    def head_flops(self) -> tuple[int, ...]:
+        """Cost of each exit head, read live (anchoring heads re-measures the profile)."""
+        return self.model.cost_profile.heads
 
     def _plan(self, block: nn.Module, cost: BlockCost) -> _GatedBlock | _PlainBlock:
         if is_gated(block):

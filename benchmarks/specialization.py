@@ -602,8 +602,10 @@ def table_rows(records: Sequence[dict[str, Any]],
         metrics = {}
         for key, _, _ in columns:
             stats = aggregate([r.get(key) for r in group])
-            if key in RATIO_OF_MEANS:
-                top, bottom = (aggregate([r.get(k) for r in group]) for k in RATIO_OF_MEANS[key])
+            if key in RATIO_OF_MEANS:  # over the seeds that define both
+                both = [r for r in group
+                        if all(_num(r.get(k)) is not None for k in RATIO_OF_MEANS[key])]
+                top, bottom = (aggregate([r.get(k) for r in both]) for k in RATIO_OF_MEANS[key])
                 stats = {"mean": _ratio(top["mean"], bottom["mean"]), "std": None,
                          "n": min(top["n"], bottom["n"]), "total": len(group)}
             metrics[key] = {**stats, "goal": GOALS.get(key),

@@ -14,14 +14,15 @@ the mixture exactly and every confidence measure sees the mixture.
 
 While the specialized head equals the original (at the start and after a reset) the mixture
 is the original head's distribution, so anchoring changes nothing until training moves it.
-Serving an anchored head runs the head twice: two small linear layers on shared pooled
-features. Callers refresh the model's cost profile after anchoring so the FLOPs reported
-include it (:func:`anchor_heads` does).
+Serving an anchored head runs both heads (for the default pool + linear heads: a second
+pooling and a second small linear layer). The model's cost profile is re-measured after
+anchoring so the FLOPs reported include it (:func:`anchor_heads` does that).
 """
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,27 @@ def unanchor_heads(model: nn.Module) -> None:
         if isinstance(head, AnchoredHead):
             model.heads[index] = head.spec
     _refresh_cost(model)
+
+
+def heads_state(model: nn.Module) -> dict[str, Any]:
+    """The served heads in a form a fresh model loads: ``model.heads`` keys, anchors apart.
+
+    Returns:
+        ``{"heads": state dict of the heads with each anchored head's specialized part in
+        its place (keys as in an unanchored ``model.heads``), "anchor_weights": {exit index:
+        weight} of the anchored heads}``. To serve it again: load ``heads`` into a fresh
+        model's ``heads``, then ``anchor_heads`` with a frozen copy of the original heads
+        (``HeadUpdater(model, UpdaterConfig(strategy="anchored"))`` before loading does it).
+    """
+    state: dict[str, Tensor] = {}
+    weights: dict[int, float] = {}
+    for index, head in enumerate(model.heads):
+        if isinstance(head, AnchoredHead):
+            weights[index] = head.weight
+            head = head.spec
+        for key, value in head.state_dict().items():
+            state[f"{index}.{key}"] = value.detach().clone()
+    return {"heads": state, "anchor_weights": weights}
 
 
 def is_anchored(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ import yaml
 import specialize
 from backbones.checkpoint import load_checkpoint
 from specialize import curves
-from specialize.anchoring import unanchor_heads
+from specialize.anchoring import heads_state, unanchor_heads
 from specialize.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import EngineResult, make_step_fn
@@ -210,9 +210,9 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     special = _timed(timings, "stream_specializing",
                      lambda: _replay(model, stream, config, specialize_heads=True))
     after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
+    unanchor_heads(model)  # an anchored strategy wrapped the early heads
     summary = _summary(config, model, checkpoint, stream, policy, thresholds, before, after,
                        frozen, special, timings)
-    unanchor_heads(model)  # an anchored strategy wrapped the early heads
     model.heads.load_state_dict(base_heads)
     out_dir = _out_dir(config, stream)
     write_report(summary, out_dir)
@@ -239,7 +239,7 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
         tracker: Per-class compute tracker (default: one with ``drift.window``).
 
     Returns:
-        The specializer; serve the stream with ``run_stream``'s threads setting.
+        The specializer; :func:`serve_stream` runs it with the config's threads setting.
     """
     alarm = None
     if config.drift.alarm == "class_mix":
@@ -304,7 +304,8 @@ def _replay(model, stream: Stream, config: RunConfig, *,
         "samples_per_second": len(result.pred) / max(result.seconds, 1e-9),
         "skipped": result.skipped,
         "tracker": tracker,
-        "heads": {k: v.clone() for k, v in model.heads.state_dict().items()},
+        "heads": heads_state(model),
+        "exit_flops": [int(info["flops"]) for info in model.exit_info],
         "alarms": specializer.alarm_hook.alarms if specializer.alarm_hook else [],
     }
     if updater is not None:
@@ -347,6 +348,7 @@ def _summary(config, model, checkpoint, stream, policy, thresholds, before, afte
                      "phase_boundaries": list(stream.phase_boundaries)},
         "model": {"name": model.name, "num_exits": model.num_exits,
                   "exit_flops": [int(i["flops"]) for i in model.exit_info],
+                  "exit_flops_specialized": special["exit_flops"],
                   "gating": bool(model.gating), "gate_mode": model.gate_mode,
                   "checkpoint": checkpoint, "flops_unit": "FLOPs (a multiply-add counts 2)"},
         "class_names": list(stream.class_names),

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specialize.anchoring import AnchoredHead, anchor_heads
+from specialize.anchoring import AnchoredHead, anchor_heads, is_anchored
 
 __all__ = [
     "HeadUpdater",
@@ -214,14 +214,16 @@ def collect_params(model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
         model: A model prepared with :func:`configure_model`.
 
     Returns:
-        ``(params, names)`` with names as in ``model.named_parameters()`` (``heads.0.2.weight``).
+        ``(params, names)`` with names as in ``model.named_parameters()`` (``heads.0.2.weight``,
+        ``heads.0.spec.2.weight`` when anchored).
     """
     params, names = [], []
     for index, head in enumerate(model.heads[:-1]):
-        for name, param in head.named_parameters():
+        prefix = f"heads.{index}.spec." if isinstance(head, AnchoredHead) else f"heads.{index}."
+        for name, param in _trainable(head).named_parameters():
             if param.requires_grad:
                 params.append(param)
-                names.append(f"heads.{index}.{name}")
+                names.append(prefix + name)
     return params, names
 
 
@@ -245,7 +247,7 @@ def check_model(model: nn.Module) -> None:
     _require(not model.training,
              "the model is in training mode, so inference would update the frozen backbone's "
              "BatchNorm statistics; call model.eval() (configure_model(model) does)")
-    early = {id(p) for head in heads[:-1] for p in head.parameters()}
+    early = {id(p) for head in heads[:-1] for p in _trainable(head).parameters()}
     leaking = [name for name, p in model.named_parameters()
                if p.requires_grad and id(p) not in early]
     _require(not leaking,
@@ -613,9 +615,11 @@ class HeadUpdater:
         self._splits = [_precomputed_prefix(head) for head in self._serving_heads]
         self._prefixes = [head[:split] if split else None
                           for head, split in zip(self._serving_heads, self._splits)]
+        self._buffers = self._build_buffers()  # may raise: anchor only after it succeeded
+        if self.config.strategy == "anchored" and self.config.enabled:
+            anchor_heads(model, self.config.anchor_weight)  # wraps the same head modules
         early = {id(p) for p in self._serving_heads.parameters()}
         self._frozen = [p for p in model.parameters() if id(p) not in early]
-        self._buffers = self._build_buffers()
         self._base = _snapshot(self._serving_heads)
         self._last_good = self._base
         train_heads = (self._serving_heads if self.config.mode == "sync"
@@ -645,15 +649,13 @@ class HeadUpdater:
     # ---- construction helpers
 
     def _early_heads(self, model: nn.Module) -> nn.ModuleList:
-        """The trainable early heads; anchors them first for the anchored strategy."""
-        if self.config.strategy == "anchored":
-            return nn.ModuleList(anchor_heads(model, self.config.anchor_weight))
-        if any(isinstance(head, AnchoredHead) for head in model.heads):
+        """The early heads that train (an anchored model's ``spec`` parts)."""
+        if self.config.strategy == "plain" and is_anchored(model):
             raise ValueError(
                 "the model's heads are anchored (by an earlier anchored HeadUpdater) but this "
                 "updater's strategy is 'plain'; use strategy='anchored' or first call "
                 "specialize.anchoring.unanchor_heads(model)")
-        return nn.ModuleList(list(model.heads)[:-1])
+        return nn.ModuleList(_trainable(head) for head in list(model.heads)[:-1])
 
     def _build_buffers(self) -> list[ReplayBuffer]:
         param = next(self._serving_heads[0].parameters())

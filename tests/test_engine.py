@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -85,8 +87,9 @@ def test_nan_inputs_do_not_poison_the_heads():
         assert torch.isfinite(p).all()
 
 
-def _run_specializer(stream, model, stop=None, state=None, save_to=None):
-    updater = HeadUpdater(model, UpdaterConfig(update_every=8, batch_size=8, lr=0.05, **PLAIN_SGD))
+def _run_specializer(stream, model, stop=None, state=None, save_to=None, config=None):
+    config = config or UpdaterConfig(update_every=8, batch_size=8, lr=0.05, **PLAIN_SGD)
+    updater = HeadUpdater(model, config)
     specializer = Specializer(model, ExitPolicy(thresholds=0.5), updater)
     if state is not None:
         specializer.load(state, stream)
@@ -140,6 +143,28 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for key, value in whole_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key
     assert spec.tracker.get()["samples"] == whole_spec.tracker.get()["samples"]
+
+
+def test_anchored_run_resumes_into_a_fresh_model(tmp_path):
+    """The default strategy: the state holds anchored heads; a fresh model is anchored first."""
+    stream = synthetic_stream(length=48)
+    torch.manual_seed(0)
+    pristine = tiny_model()
+    config = UpdaterConfig(update_every=8, batch_size=8, lr=0.01)
+    assert config.strategy == "anchored"
+    whole_model = copy.deepcopy(pristine)
+    whole, _ = _run_specializer(stream, whole_model, config=config)
+    first, _ = _run_specializer(stream, copy.deepcopy(pristine), stop=20,
+                                save_to=tmp_path / "state.pt", config=config)
+    resumed_model = copy.deepcopy(pristine)  # as loaded from the original checkpoint
+    second, _ = _run_specializer(stream, resumed_model, state=tmp_path / "state.pt",
+                                 config=config)
+    assert torch.equal(torch.cat([first.pred, second.pred]), whole.pred)
+    assert torch.equal(torch.cat([first.exit_index, second.exit_index]), whole.exit_index)
+    whole_state = whole_model.state_dict()
+    assert any(".spec." in key for key in whole_state)
+    for key, value in resumed_model.state_dict().items():
+        assert torch.equal(value, whole_state[key]), key
 
 
 def test_resume_refuses_a_state_of_another_stream(tmp_path):

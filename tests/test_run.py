@@ -62,3 +62,17 @@ def test_summary_follows_the_documented_schema(run_folder):
     assert summary["scenario"]["classes"] == [5, 7, 9]
     assert len(summary["per_class"]) == 10
     assert summary["model"]["exit_flops"] == sorted(summary["model"]["exit_flops"])
+
+
+def test_specialized_heads_load_into_a_fresh_model(run_folder):
+    from backbones.checkpoint import load_checkpoint
+
+    saved = torch.load(run_folder / "specialized_heads.pt", weights_only=True)
+    summary = json.loads((run_folder / "summary.json").read_text())
+    model, _ = load_checkpoint(run_folder.parent / "tiny.pt")
+    original = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    model.heads.load_state_dict(saved["heads"])  # strict: the plain heads' keys
+    assert saved["anchor_weights"] == {0: 0.5, 1: 0.5, 2: 0.5}  # the default strategy
+    assert summary["updater"]["updates"] > 0
+    changed = {k for k, v in saved["heads"].items() if not torch.equal(v, original[k])}
+    assert changed and not any(k.startswith(f"{model.num_exits - 1}.") for k in changed)
