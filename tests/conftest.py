@@ -46,3 +46,26 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
                 module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
                 module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: thread-pool wake-ups cost more than tiny tensors save on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A tiny multi-exit model; tests deep-copy it before changing it."""
+    torch.manual_seed(0)
+    return tiny_model("tiny_resnet")
+
+
+@pytest.fixture(scope="module")
+def shapes(base):
+    """Shapes of the features each exit head of ``base`` reads."""
+    with torch.no_grad():
+        return [f.shape[1:] for f in base.forward_exits(torch.zeros(1, *TINY_INPUT)).features]

@@ -8,30 +8,13 @@ import torch.nn.functional as F
 
 from specialize.anchoring import AnchoredHead, anchor_heads, is_anchored, unanchor_heads
 from specialize.updater import HeadUpdater, UpdaterConfig, check_model
-from tests.conftest import TINY_INPUT, tiny_model
+from tests.conftest import TINY_INPUT
 from tests.test_updater import assert_same, batches, changed, snapshot
 
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return tiny_model("tiny_resnet")
-
-
-@pytest.fixture(scope="module")
-def shapes(base):
-    with torch.no_grad():
-        return [f.shape[1:] for f in base.forward_exits(torch.zeros(1, *TINY_INPUT)).features]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def anchored_config(**kwargs):

@@ -21,25 +21,7 @@ from tests.conftest import TINY_INPUT, tiny_model
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tensors here are tiny: thread-pool wake-ups cost more than they save on a busy host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return tiny_model("tiny_resnet")
-
-
-@pytest.fixture(scope="module")
-def shapes(base):
-    with torch.no_grad():
-        return [f.shape[1:] for f in base.forward_exits(torch.zeros(1, *TINY_INPUT)).features]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(shapes, generator, batch=32, exit_index=None, labels=None):
