@@ -22,13 +22,7 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "head_ceiling.py"
 SYNTHETIC = {"num_classes": 10, "samples_per_class": 40, "image_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops on 2 busy cores: OpenMP threads waiting for each other cost 10x
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
