@@ -565,6 +565,7 @@ class DynamicExecutor:
 
     def _run_single(self, x: Tensor, thresholds: list[Tensor], measure: str) -> ExecutorResult:
         flops = executed = self.stem_flops
+        head_flops = self.head_flops
         x = _run_steps(self.stem, x)
         features = []
         last = self.num_exits - 1
@@ -575,8 +576,8 @@ class DynamicExecutor:
                 executed += block_executed
             for k in exits:
                 logits = self.heads[k](x)
-                flops += self.head_flops[k]
-                executed += self.head_flops[k]
+                flops += head_flops[k]
+                executed += head_flops[k]
                 features.append(x)
                 conf = confidence(logits, measure)
                 if k == last or accepts(conf, thresholds[k]).item():
@@ -602,6 +603,7 @@ class DynamicExecutor:
         rows = torch.arange(batch, device=device)
         flops = torch.full((batch,), self.stem_flops, dtype=torch.long, device=device)
         executed = flops.clone()
+        head_flops = self.head_flops
         x = _run_steps(self.stem, x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -613,8 +615,8 @@ class DynamicExecutor:
                 executed += block_executed
             for k in exits:
                 logits = self.heads[k](x)
-                flops += self.head_flops[k]
-                executed += self.head_flops[k]
+                flops += head_flops[k]
+                executed += head_flops[k]
                 out.features.append(x)
                 out.evaluated.append(rows)
                 conf = confidence(logits, measure)

@@ -349,8 +349,7 @@ def run_scenario(scenario: str, seed: int, samples: Sequence[int], args: argpars
         The records, in ``samples`` order.
     """
     from specialize.evaluation import exit_pass
-    from specialize.run import load_model
-    from streams.replay import build_stream
+    from specialize.run import build_run_stream, load_model
 
     torch.manual_seed(seed)
     config = run_config(scenario, seed, args.checkpoint)
@@ -359,8 +358,7 @@ def run_scenario(scenario: str, seed: int, samples: Sequence[int], args: argpars
     if key not in models:
         models[key] = load_model(config.model, progress=progress)
     model, checkpoint = models[key]
-    stream = build_stream(config.scenario, in_chans=model.input_size[0],
-                          input_size=tuple(model.input_size[1:]))
+    stream = build_run_stream(config, model)
     if stream.eval_in is None:
         raise ValueError(f"scenario {scenario!r} holds nothing out (holdout_fraction 0)")
     eval_in = stream.eval_in

@@ -451,10 +451,9 @@ def specialize_on(model: torch.nn.Module, stream, config) -> dict[str, Any]:
 
 
 def _stream(config, model: torch.nn.Module):
-    from streams.replay import build_stream
+    from specialize.run import build_run_stream
 
-    return build_stream(config.scenario, in_chans=model.input_size[0],
-                        input_size=tuple(model.input_size[1:]))
+    return build_run_stream(config, model)
 
 
 def _exit_pass(model: torch.nn.Module, data, transform, config):

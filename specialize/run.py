@@ -195,8 +195,7 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     model, checkpoint = load_model(config.model, progress=config.progress)
-    stream = build_stream(config.scenario, in_chans=model.input_size[0],
-                          input_size=tuple(model.input_size[1:]))
+    stream = build_run_stream(config, model)
     timings["load"] = time.perf_counter() - clock
     policy = build_policy(config)
     thresholds = policy.thresholds_tensor(model.num_exits)
@@ -219,6 +218,12 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     torch.save(special["heads"], out_dir / "specialized_heads.pt")
     return summary, out_dir
+
+
+def build_run_stream(config: RunConfig, model) -> Stream:
+    """The stream of a run config, its inputs shaped for ``model`` (channels and size)."""
+    return build_stream(config.scenario, in_chans=model.input_size[0],
+                        input_size=tuple(model.input_size[1:]))
 
 
 def build_policy(config: RunConfig) -> ExitPolicy:

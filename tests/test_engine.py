@@ -13,13 +13,7 @@ from specialize.updater import HeadUpdater, UpdaterConfig
 from streams.replay import build_stream
 from tests.conftest import randomize_gates, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_stream(length: int = 64, seed: int = 0, classes=(0, 1, 2)):

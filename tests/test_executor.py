@@ -14,13 +14,7 @@ from tests.conftest import randomize_batchnorm, randomize_gates, tiny_model
 NUM_SAMPLES = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batch-1 runs are hundreds of tiny ops: one thread keeps them fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gated_model(name: str, gate_mode: str, seed: int = 0) -> nn.Module:
