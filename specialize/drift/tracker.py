@@ -1,72 +1,25 @@
-"""Per-class compute tracking over a stream, and drift alarms.
+"""Per-class compute over a stream: cumulative, in the current window, and per closed window.
 
-Online objects in the style of river: build once, feed with ``update``, read with ``get`` or
-``drift_detected``, save with ``state_dict`` and restore with ``load_state_dict``. Every state
-dict holds plain numbers, strings and lists only, so it can be written with ``json`` or
-``torch.save`` and a resumed object continues exactly where the saved one stopped.
-
-* :class:`ClassCostTracker` records, per predicted class (and per true class when an evaluator
-  supplies labels), how many samples were seen, their mean FLOPs and the exits they took:
-  cumulatively, in the current window, and for every closed window (the drift history).
-* :class:`PageHinkley` raises an alarm when the mean of a scalar signal (e.g. each sample's
-  FLOPs as a fraction of the full path) shifts up and/or down.
-* :class:`ClassMixDriftDetector` raises an alarm when the mix of predicted classes in the last
-  ``window`` samples moves away from a reference window's (total variation distance).
+:class:`ClassCostTracker` records, per predicted class (and per true class when an evaluator
+supplies labels), how many samples were seen, their mean FLOPs and the exits they took:
+cumulatively, in the current window, and for every closed window (the drift history).
 
 FLOPs follow the project's convention: a multiply-add counts 2.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import numbers
-from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "ClassCostTracker",
-    "ClassMixDriftDetector",
-    "DriftDetector",
-    "PageHinkley",
-]
-
-ArrayLike = Any  # Python scalar, sequence, numpy array or torch tensor (0-D or 1-D)
+from specialize.drift._inputs import ArrayLike, positive_int, to_1d, to_index
 
 _STATE_VERSION = 1
-
-
-def _to_1d(value: ArrayLike, name: str) -> np.ndarray:
-    """``value`` as a 1-D numpy array (torch tensors are detached and moved to the CPU)."""
-    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch here
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value)
-    if array.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or 1-D, got shape {array.shape}")
-    return array.reshape(-1)
-
-
-def _to_index(value: ArrayLike, name: str, size: int) -> np.ndarray:
-    """Integer indices in ``[0, size)`` as int64, with an error naming ``name`` otherwise."""
-    array = _to_1d(value, name)
-    if array.size and array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
-    array = array.astype(np.int64, copy=False)
-    if array.size and (array.min() < 0 or array.max() >= size):
-        raise ValueError(
-            f"{name} must lie in [0, {size}), got values in [{array.min()}, {array.max()}]"
-        )
-    return array
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _nan_to_none(values: Iterable[float]) -> list[float | None]:
@@ -174,12 +127,19 @@ class ClassCostTracker:
         [10.0, nan, 30.0]
         >>> tracker.history()[0]["mean_flops"]
         {0: 10.0, 2: 30.0}
+
+        Freeze a baseline, then read how each class's cost changed since:
+
+        >>> tracker.freeze_baseline()
+        >>> tracker.update([0, 0], [1, 1], [20.0, 20.0])
+        >>> tracker.change()["delta"]
+        [10.0, nan, nan]
     """
 
     def __init__(self, num_classes: int, num_exits: int, window: int = 500) -> None:
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.num_exits = _positive_int(num_exits, "num_exits")
-        self.window = _positive_int(window, "window (samples per window)")
+        self.num_classes = positive_int(num_classes, "num_classes")
+        self.num_exits = positive_int(num_exits, "num_exits")
+        self.window = positive_int(window, "window (samples per window)")
         self.reset()
 
     def __repr__(self) -> str:
@@ -242,10 +202,10 @@ class ClassCostTracker:
         flops: ArrayLike,
         true_class: ArrayLike | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        pred = _to_index(pred_class, "pred_class", self.num_classes)
-        exits = _to_index(exit_index, "exit_index", self.num_exits)
-        cost = _to_1d(flops, "flops").astype(np.float64)
-        true = None if true_class is None else _to_index(true_class, "true_class", self.num_classes)
+        pred = to_index(pred_class, "pred_class", self.num_classes)
+        exits = to_index(exit_index, "exit_index", self.num_exits)
+        cost = to_1d(flops, "flops").astype(np.float64)
+        true = None if true_class is None else to_index(true_class, "true_class", self.num_classes)
         lengths = {"pred_class": len(pred), "exit_index": len(exits), "flops": len(cost)}
         if true is not None:
             lengths["true_class"] = len(true)
@@ -367,7 +327,7 @@ class ClassCostTracker:
         """The stored baseline (``position`` it was set at, per-class means), or ``None``."""
         if self._baseline is None:
             return None
-        return {"position": self._baseline["position"], **_deep_copy(self._baseline["before"])}
+        return {"position": self._baseline["position"], **copy.deepcopy(self._baseline["before"])}
 
     def change(self, by: str = "pred") -> dict[str, list]:
         """Per-class change in mean FLOPs of the samples seen since the baseline was set.
@@ -413,7 +373,7 @@ class ClassCostTracker:
         """Everything needed to resume, as plain numbers and lists (JSON-safe, no NaN)."""
         baseline = None
         if self._baseline is not None:
-            baseline = _deep_copy(self._baseline)
+            baseline = copy.deepcopy(self._baseline)
             for part in baseline["before"].values():
                 if part is not None:
                     part["mean_flops"] = _nan_to_none(part["mean_flops"])
@@ -451,7 +411,7 @@ class ClassCostTracker:
         self._history = [_copy_entry(entry) for entry in state["history"]]
         self._baseline = None
         if state.get("baseline") is not None:
-            self._baseline = _deep_copy(state["baseline"])
+            self._baseline = copy.deepcopy(state["baseline"])
             for part in self._baseline["before"].values():
                 if part is not None:
                     part["mean_flops"] = _none_to_nan(part["mean_flops"]).tolist()
@@ -476,322 +436,11 @@ def _class_means(stats: _ClassStats, suffix: str) -> dict[str, dict[int, float |
 
 def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     """Copy a history entry; class-keyed dicts get int keys back (JSON turns them into str)."""
-    copy = {}
+    copied = {}
     for key, value in entry.items():
         if isinstance(value, Mapping):
             value = {int(c): v for c, v in value.items()}
         elif isinstance(value, list):
             value = list(value)
-        copy[key] = value
-    return copy
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _deep_copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(item) for item in value]
-    return value
-
-
-# -------------------------------------------------------------------------------- detectors
-class DriftDetector(ABC):
-    """A river-style drift detector: ``update`` returns whether a drift was just detected.
-
-    After a detection, the next ``update`` starts the statistics afresh, so each change is
-    reported once. ``detections`` counts the alarms since construction or :meth:`reset`.
-    """
-
-    def __init__(self) -> None:
-        self._drift_detected = False
-        self.detections = 0
-
-    @property
-    def drift_detected(self) -> bool:
-        """Whether the last :meth:`update` detected a drift."""
-        return self._drift_detected
-
-    @abstractmethod
-    def update(self, x: Any) -> bool:
-        """Feed one observation; return :attr:`drift_detected`."""
-
-    def update_many(self, values: Iterable[Any]) -> bool:
-        """Feed observations in order; return whether any of them raised an alarm.
-
-        A detection in the middle restarts the statistics, as :meth:`update` does.
-        """
-        values = _to_1d(values, "values") if hasattr(values, "detach") else values
-        detected = False
-        for x in values:
-            detected |= self.update(x)
-        return detected
-
-    def reset(self) -> None:
-        """Return to the state just after construction (statistics and alarm count)."""
-        self._restart()
-        self.detections = 0
-
-    def _restart(self) -> None:
-        """Forget the statistics after a detection; the alarm count is kept."""
-        self._drift_detected = False
-
-    def _signal(self, detected: bool) -> bool:
-        self._drift_detected = bool(detected)
-        self.detections += self._drift_detected
-        return self._drift_detected
-
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Configuration and statistics as plain numbers and lists (JSON-safe)."""
-
-    @abstractmethod
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the configuration must match."""
-
-    def _check_config(self, state: Mapping[str, Any]) -> None:
-        config = self._config()
-        if dict(state["config"]) != config:
-            raise ValueError(
-                f"state was saved by {type(self).__name__}({state['config']}), this detector is "
-                f"{type(self).__name__}({config}); build it with the saved configuration"
-            )
-
-    @abstractmethod
-    def _config(self) -> dict[str, Any]:
-        """Constructor arguments, as saved in the state dict."""
-
-
-class PageHinkley(DriftDetector):
-    """Page-Hinkley test for a shift in the mean of a scalar signal (river's semantics).
-
-    With ``m_t`` the running mean of ``x_1..x_t`` and ``d_t = x_t - m_t``, two sums are kept:
-    ``U_t = alpha * U_{t-1} + d_t - delta`` (increases) and ``L_t = alpha * L_{t-1} + d_t +
-    delta`` (decreases). An increase is detected when ``U_t - min(U) > threshold``, a decrease
-    when ``max(L) - L_t > threshold``, once ``min_instances`` values were seen.
-
-    ``threshold`` and ``delta`` are in the units of the signal: feed values of a known scale,
-    e.g. each sample's FLOPs divided by the full-path FLOPs (in ``[0, 1]``).
-
-    Args:
-        delta: Magnitude of change tolerated without accumulating evidence.
-        threshold: Evidence needed for an alarm (lambda).
-        alpha: Forgetting factor of the sums (1: no forgetting).
-        min_instances: Values seen before an alarm may be raised.
-        mode: ``"up"`` (increases only), ``"down"`` (decreases only) or ``"both"``.
-    """
-
-    MODES = ("up", "down", "both")
-
-    def __init__(
-        self,
-        delta: float = 0.005,
-        threshold: float = 50.0,
-        alpha: float = 1 - 1e-4,
-        min_instances: int = 30,
-        mode: str = "both",
-    ) -> None:
-        super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if threshold <= 0 or delta < 0:
-            raise ValueError(f"need threshold > 0 and delta >= 0, got {threshold} and {delta}")
-        if min_instances < 1:
-            raise ValueError(f"min_instances must be >= 1, got {min_instances}")
-        self.delta = float(delta)
-        self.threshold = float(threshold)
-        self.alpha = float(alpha)
-        self.min_instances = int(min_instances)
-        self.mode = mode
-        self._restart()
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self._config().items())
-        return f"{type(self).__name__}({args})"
-
-    def _config(self) -> dict[str, Any]:
-        return {
-            "delta": self.delta,
-            "threshold": self.threshold,
-            "alpha": self.alpha,
-            "min_instances": self.min_instances,
-            "mode": self.mode,
-        }
-
-    def _restart(self) -> None:
-        super()._restart()
-        self._count = 0
-        self._mean = 0.0
-        self._sum_increase = 0.0
-        self._sum_decrease = 0.0
-        self._min_increase = math.inf
-        self._max_decrease = -math.inf
-
-    @property
-    def mean(self) -> float:
-        """Running mean of the values since the last restart (``0.0`` before any)."""
-        return self._mean
-
-    def update(self, x: float) -> bool:
-        """Feed one value.
-
-        Args:
-            x: The observation (a number or a one-element tensor), finite.
-
-        Returns:
-            Whether a drift was detected at this value.
-        """
-        x = float(x)
-        if not math.isfinite(x):
-            raise ValueError(f"PageHinkley.update needs a finite value, got {x}")
-        if self._drift_detected:
-            self._restart()
-        self._count += 1
-        self._mean += (x - self._mean) / self._count
-        deviation = x - self._mean
-        self._sum_increase = self.alpha * self._sum_increase + deviation - self.delta
-        self._sum_decrease = self.alpha * self._sum_decrease + deviation + self.delta
-        self._min_increase = min(self._min_increase, self._sum_increase)
-        self._max_decrease = max(self._max_decrease, self._sum_decrease)
-        if self._count < self.min_instances:
-            return False
-        increase = self._sum_increase - self._min_increase > self.threshold
-        decrease = self._max_decrease - self._sum_decrease > self.threshold
-        by_mode = {"up": increase, "down": decrease, "both": increase or decrease}
-        return self._signal(by_mode[self.mode])
-
-    def state_dict(self) -> dict[str, Any]:
-        """Configuration and statistics; infinities (nothing seen yet) are saved as ``None``."""
-        return {
-            "config": self._config(),
-            "count": self._count,
-            "mean": self._mean,
-            "sum_increase": self._sum_increase,
-            "sum_decrease": self._sum_decrease,
-            "min_increase": None if math.isinf(self._min_increase) else self._min_increase,
-            "max_decrease": None if math.isinf(self._max_decrease) else self._max_decrease,
-            "drift_detected": self._drift_detected,
-            "detections": self.detections,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`.
-
-        Raises:
-            ValueError: The state was saved with another configuration.
-        """
-        self._check_config(state)
-        self._count = int(state["count"])
-        self._mean = float(state["mean"])
-        self._sum_increase = float(state["sum_increase"])
-        self._sum_decrease = float(state["sum_decrease"])
-        low, high = state["min_increase"], state["max_decrease"]
-        self._min_increase = math.inf if low is None else float(low)
-        self._max_decrease = -math.inf if high is None else float(high)
-        self._drift_detected = bool(state["drift_detected"])
-        self.detections = int(state["detections"])
-
-
-class ClassMixDriftDetector(DriftDetector):
-    """Alarm when the mix of predicted classes moves away from a reference mix.
-
-    The first ``window`` predictions after a (re)start form the reference histogram; the
-    detector then keeps the histogram of the last ``window`` predictions and raises an alarm
-    when the total variation distance between the two, ``0.5 * sum_c |p_c - q_c|`` in
-    ``[0, 1]``, exceeds ``threshold``. The distance is maintained in O(1) per prediction.
-
-    Args:
-        num_classes: Number of classes of the model.
-        window: Predictions in the reference and in the recent window.
-        threshold: Total variation distance that raises an alarm, in ``(0, 1)``. Two windows
-            drawn from the same mix of ``C`` classes differ by about
-            ``sqrt(C / (2 * pi * window))`` in total variation; keep the threshold well above.
-    """
-
-    def __init__(self, num_classes: int, window: int = 200, threshold: float = 0.3) -> None:
-        super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold is a total variation distance in (0, 1), got {threshold}")
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.window = _positive_int(window, "window (samples per window)")
-        self.threshold = float(threshold)
-        self._restart()
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self._config().items())
-        return f"{type(self).__name__}({args})"
-
-    def _config(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "window": self.window, "threshold": self.threshold}
-
-    def _restart(self) -> None:
-        super()._restart()
-        self._reference = [0] * self.num_classes
-        self._reference_size = 0
-        self._recent: deque[int] = deque(maxlen=self.window)
-        self._recent_counts = [0] * self.num_classes
-        self._l1 = 0  # sum_c |reference_c - recent_c|, in samples
-
-    @property
-    def distance(self) -> float:
-        """Total variation distance between the windows; ``NaN`` until both are full."""
-        if len(self._recent) < self.window:
-            return math.nan
-        return self._l1 / (2 * self.window)
-
-    def update(self, x: int) -> bool:
-        """Feed one predicted class.
-
-        Args:
-            x: The predicted class, an int (or one-element tensor) in ``[0, num_classes)``.
-
-        Returns:
-            Whether a drift was detected at this prediction.
-        """
-        cls = int(_to_index(x, "pred_class", self.num_classes)[0])
-        if self._drift_detected:
-            self._restart()
-        if self._reference_size < self.window:
-            self._reference[cls] += 1
-            self._reference_size += 1
-            self._l1 += 1  # the recent window is still empty
-            return False
-        if len(self._recent) == self.window:
-            self._move(self._recent[0], -1)
-        self._recent.append(cls)
-        self._move(cls, +1)
-        return self._signal(self.distance > self.threshold)
-
-    def _move(self, cls: int, step: int) -> None:
-        self._l1 -= abs(self._reference[cls] - self._recent_counts[cls])
-        self._recent_counts[cls] += step
-        self._l1 += abs(self._reference[cls] - self._recent_counts[cls])
-
-    def state_dict(self) -> dict[str, Any]:
-        """Configuration, the reference histogram and the recent predictions (oldest first)."""
-        return {
-            "config": self._config(),
-            "reference": list(self._reference),
-            "reference_size": self._reference_size,
-            "recent": list(self._recent),
-            "drift_detected": self._drift_detected,
-            "detections": self.detections,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`.
-
-        Raises:
-            ValueError: The state was saved with another configuration.
-        """
-        self._check_config(state)
-        self._restart()
-        self._reference = [int(n) for n in state["reference"]]
-        self._reference_size = int(state["reference_size"])
-        self._l1 = sum(self._reference)
-        for cls in state["recent"]:
-            self._recent.append(int(cls))
-            self._move(int(cls), +1)
-        self._drift_detected = bool(state["drift_detected"])
-        self.detections = int(state["detections"])
+        copied[key] = value
+    return copied
