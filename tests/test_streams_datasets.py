@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from streams import datasets
 from streams.datasets import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     ArrayDataset,
     DataFormatError,
+    download,
     download_fashion_mnist,
+    fashion_mnist,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
@@ -145,7 +146,7 @@ def test_missing_files_explain_and_never_download(tmp_path: Path, monkeypatch) -
     def no_fetch(*args, **kwargs):
         raise AssertionError("download attempted without download=True")
 
-    monkeypatch.setattr(datasets, "_fetch_url", no_fetch)
+    monkeypatch.setattr(download, "_fetch_url", no_fetch)
     with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist(tmp_path / "empty", split="test")
     message = str(info.value)
@@ -188,9 +189,9 @@ def test_download_rejects_checksum_mismatch(tmp_path: Path) -> None:
 
 def test_download_verifies_and_writes_atomically(tmp_path: Path, monkeypatch) -> None:
     mirror, md5 = _mirror(tmp_path)
-    monkeypatch.setattr(datasets, "_FASHION_MNIST_MD5", md5)
+    monkeypatch.setattr(fashion_mnist, "_FASHION_MNIST_MD5", md5)
     mirrors = ("file:///nonexistent/", mirror.as_uri() + "/")  # the first one fails
-    monkeypatch.setattr(datasets, "FASHION_MNIST_MIRRORS", mirrors)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_MIRRORS", mirrors)
     data = load_fashion_mnist(tmp_path / "target", split="test", download=True)
     assert len(data) == 20
     assert sorted(p.name for p in (tmp_path / "target").iterdir()) == [
