@@ -1,0 +1,49 @@
+"""The ``>>>`` examples in the docstrings run and print what they show."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+from types import ModuleType
+
+import pytest
+
+import specialize.drift
+import streams.datasets
+
+# Packages whose every module is run through doctest.
+PACKAGES = (specialize.drift, streams.datasets)
+# Modules that must hold at least one example (deleting one fails the test, too).
+MUST_HAVE_EXAMPLES = {
+    "specialize.drift.base",
+    "specialize.drift.class_mix",
+    "specialize.drift.page_hinkley",
+    "specialize.drift.tracker",
+    "streams.datasets.base",
+    "streams.datasets.registry",
+    "streams.datasets.synthetic",
+}
+
+
+def _modules(package: ModuleType) -> list[str]:
+    prefix = package.__name__ + "."
+    return [package.__name__] + [
+        info.name for info in pkgutil.walk_packages(package.__path__, prefix)
+    ]
+
+
+MODULES = [name for package in PACKAGES for name in _modules(package)]
+
+
+def test_every_module_that_must_have_examples_exists() -> None:
+    assert MUST_HAVE_EXAMPLES <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True, verbose=False)
+    assert result.failed == 0, f"{result.failed} doctest example(s) failed in {name} (see above)"
+    if name in MUST_HAVE_EXAMPLES:
+        assert result.attempted > 0, f"{name} lost its docstring examples"
