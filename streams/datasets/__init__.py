@@ -12,6 +12,7 @@ Readers, one module each, found by name through :func:`load_dataset` (``registry
     * ``cifar10``: the binary version (``data_batch_1.bin`` .. ``test_batch.bin``).
     * ``image_folder``: one sub-folder per class, read with PIL and resized.
     * ``synthetic``: seeded class-conditional images whose difficulty grows with the class id.
+    * ``tiny_imagenet``: Tiny-ImageNet read in place from its zip or folder (``tiny_imagenet.py``).
 """
 
 from streams.datasets.base import ArrayDataset, DataFormatError
@@ -34,6 +35,12 @@ from streams.datasets.idx import read_idx
 from streams.datasets.image_folder import load_image_folder
 from streams.datasets.registry import list_datasets, load_dataset
 from streams.datasets.synthetic import make_synthetic
+from streams.datasets.tiny_imagenet import (
+    TINY_IMAGENET_ENV,
+    TINY_IMAGENET_SPLITS,
+    find_tiny_imagenet,
+    load_tiny_imagenet,
+)
 
 __all__ = [
     "ArrayDataset",
@@ -52,6 +59,10 @@ __all__ = [
     "load_cifar10",
     "load_image_folder",
     "make_synthetic",
+    "load_tiny_imagenet",
+    "find_tiny_imagenet",
+    "TINY_IMAGENET_ENV",
+    "TINY_IMAGENET_SPLITS",
     "load_dataset",
     "list_datasets",
 ]

@@ -18,12 +18,14 @@ from streams.datasets.cifar10 import load_cifar10
 from streams.datasets.fashion_mnist import load_fashion_mnist
 from streams.datasets.image_folder import load_image_folder
 from streams.datasets.synthetic import load_synthetic, make_synthetic
+from streams.datasets.tiny_imagenet import load_tiny_imagenet
 
 _READERS: dict[str, Callable[..., ArrayDataset]] = {
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "image_folder": load_image_folder,
     "synthetic": load_synthetic,
+    "tiny_imagenet": load_tiny_imagenet,
 }
 # Readers that pass ``**options`` on, and the function whose signature lists those options.
 _OPTIONS_OF: dict[str, Callable[..., ArrayDataset]] = {"synthetic": make_synthetic}
@@ -34,7 +36,7 @@ def list_datasets() -> list[str]:
 
     Example:
         >>> list_datasets()
-        ['cifar10', 'fashion_mnist', 'image_folder', 'synthetic']
+        ['cifar10', 'fashion_mnist', 'image_folder', 'synthetic', 'tiny_imagenet']
     """
     return sorted(_READERS)
 
