@@ -15,8 +15,8 @@ type checks would stand beside our range checks (it has none), its errors are se
 ``full_key``/``object_type`` where ours are one line naming the field and the allowed values
 (tests and the CLI rely on that), it parses override values with its own grammar rather than
 YAML, and ``ScenarioConfig``'s phases, which inherit their parent's pool fields, would still
-need code of ours. That is a dependency (with a vendored ANTLR parser) to replace about 300
-lines that read top to bottom, so this package is plain Python on ``yaml.safe_load``.
+need code of ours. That is a dependency (with a vendored ANTLR parser) to replace about 250
+lines of code that read top to bottom, so this package is plain Python on ``yaml.safe_load``.
 """
 
 from configkit.checks import (

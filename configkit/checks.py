@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -175,10 +176,10 @@ def check_bool(field: str, value: Any) -> bool:
 def check_type(field: str, value: Any, hint: Any) -> Any:
     """Return ``value`` normalised to the type ``hint``, or raise naming ``field``.
 
-    Understands ``int``, ``float`` (ints become floats), ``bool``, ``str``, ``None``, unions,
-    ``tuple[X, ...]`` and ``list[X]`` (any list or tuple, items checked as ``field.i``),
-    ``dict``, ``Any`` and nested config dataclasses (built from a mapping with
-    :func:`from_dict`).
+    Understands ``int``, ``float`` (ints become floats), ``bool``, ``str`` (paths become
+    strings), ``None``, unions, ``tuple[X, ...]`` and ``list[X]`` (any list or tuple, items
+    checked as ``field.i``), ``dict``, ``Any`` and nested config dataclasses (built from a
+    mapping with :func:`from_dict`).
 
     Example:
         >>> check_type("thresholds", [0.9, 1], float | tuple[float, ...])
@@ -216,6 +217,8 @@ def _has_shape(value: Any, hint: Any) -> bool:
         return is_integer(value)
     if hint is float:
         return _is_number(value)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
     if origin in (tuple, list):
         return isinstance(value, (tuple, list))
     if dataclasses.is_dataclass(hint) or origin in (dict, Mapping):
@@ -229,6 +232,8 @@ def _convert(field: str, value: Any, hint: Any) -> Any:
         return int(value)
     if hint is float:
         return float(value)
+    if hint is str:
+        return os.fspath(value)
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_dict(hint, value, where=field)
     if origin is tuple and args and args[-1] is not Ellipsis:
@@ -239,7 +244,7 @@ def _convert(field: str, value: Any, hint: Any) -> Any:
         items = [check_type(f"{field}.{i}", v, args[0]) for i, v in enumerate(value)] if args \
             else list(value)
         return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) and len(args) == 2:
+    if origin in (dict, Mapping) and len(args) == 2 and args[1] is not Any:
         return {k: check_type(f"{field}.{k}", v, args[1]) for k, v in value.items()}
     return value
 
@@ -254,7 +259,8 @@ def _describe(hint: Any, plural: bool = False) -> str:
         return f"lists{item}" if plural else f"a list{item}"
     names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
              float: ("a number", "numbers"), str: ("a string", "strings"),
-             type(None): ("null", "nulls"), dict: ("a mapping", "mappings")}
+             type(None): ("null", "nulls"), dict: ("a mapping", "mappings"),
+             Mapping: ("a mapping", "mappings")}
     if origin in names:
         return names[origin][plural]
     if dataclasses.is_dataclass(hint):

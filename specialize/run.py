@@ -110,9 +110,9 @@ class DriftConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_int("window", self.window, ge=1)
+        for name in ("window", "alarm_window"):
+            check_int(name, getattr(self, name), ge=1)
         check_choice("alarm", self.alarm, ("none", "class_mix"))
-        check_int("alarm_window", self.alarm_window, ge=1)
         check_number("alarm_threshold", self.alarm_threshold, gt=0, le=1)
 
 

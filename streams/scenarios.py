@@ -207,7 +207,8 @@ def _check_pool_fields(config: ScenarioConfig) -> None:
         raise _fail("dataset_options", f"must be a mapping, got {config.dataset_options!r}")
     object.__setattr__(config, "dataset_options", dict(config.dataset_options))
     object.__setattr__(config, "seed", check_int("seed", config.seed, ge=0))
-    _set_checked(config, "holdout_fraction", check_number, ge=0, lt=1)
+    holdout = check_number("holdout_fraction", config.holdout_fraction, ge=0, lt=1)
+    object.__setattr__(config, "holdout_fraction", holdout)
 
 
 def _class_tuple(name: str, value: Any) -> tuple[int, ...] | None:
