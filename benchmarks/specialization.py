@@ -139,7 +139,7 @@ def split_overrides(text: str) -> list[str]:
 
 def check_override(text: str, where: str) -> str:
     """Return ``text`` if it is a ``key=value`` override, else raise a clear error."""
-    from specialize.config import ConfigError, parse_override
+    from configkit import ConfigError, parse_override
 
     try:
         parse_override(text)
@@ -309,17 +309,16 @@ def switch_configs(job: Job):
 
     overrides = [o for o in job.overrides if not is_scenario_override(o)]
     config = load_run_config(job.scenario, run_overrides(job, overrides))
-    scenario = copy.deepcopy(config.scenario)
-    phases = scenario.get("phases") or []
-    if len(phases) < 2:
+    num_phases = len(config.scenario.get("phases") or [])
+    if num_phases < 2:
         raise ValueError(f"{job.scenario}: the switch protocol needs a phases scenario with at "
                          "least two phases")
+    # Cut the last two phases (old classes, then the new ones); their lengths make the total.
+    cut = ["scenario.length=null", f"scenario.phases.{num_phases - 1}.length={job.switch_after}"]
     if job.switch_before is not None:
-        phases[-2]["length"] = job.switch_before
-    phases[-1]["length"] = job.switch_after
-    scenario.pop("length", None)
-    switch = dataclasses.replace(config, scenario=scenario)
-    new_phase = ScenarioConfig.from_dict(scenario).phases[-1].to_dict()
+        cut.append(f"scenario.phases.{num_phases - 2}.length={job.switch_before}")
+    switch = load_run_config(job.scenario, run_overrides(job, [*overrides, *cut]))
+    new_phase = ScenarioConfig.from_dict(switch.scenario).phases[-1].to_dict()
     fresh_scenario = {**new_phase, "length": job.fresh_length,
                       "name": f"fresh-{new_phase.get('name', 'new')}"}
     return switch, dataclasses.replace(config, scenario=fresh_scenario)
@@ -327,7 +326,7 @@ def switch_configs(job: Job):
 
 def validate_jobs(jobs: Sequence[Job]) -> None:
     """Build every job's config up front so a bad preset fails before any run starts."""
-    from specialize.config import ConfigError
+    from configkit import ConfigError
 
     for job in jobs:
         try:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from specialize.config import ConfigError
+from configkit import ConfigError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

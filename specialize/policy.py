@@ -21,6 +21,7 @@ from backbones.exit_rule import (
     normalize_thresholds,
     select_exits,
 )
+from configkit import ConfigError, check_choice, check_fields
 from specialize.curves import ArrayLike, CurvePoints, as_exit_arrays, sweep
 
 __all__ = [
@@ -47,6 +48,9 @@ _ACCURACY_EPS = 1e-9
 class ExitPolicy:
     """Which confidence measure the exits use and the threshold each early exit must clear.
 
+    Also the ``policy`` section of a run config (``policy.thresholds=[0.9, 0.8]``); invalid
+    values raise :class:`configkit.ConfigError`, a ``ValueError``.
+
     Attributes:
         measure: Confidence measure, one of :data:`CONFIDENCE_MEASURES`.
         thresholds: One threshold shared by all early exits, or one per early exit (a
@@ -59,15 +63,10 @@ class ExitPolicy:
     thresholds: float | tuple[float, ...] = 0.9
 
     def __post_init__(self) -> None:
-        if self.measure not in CONFIDENCE_MEASURES:
-            raise ValueError(
-                f"unknown confidence measure {self.measure!r}; "
-                f"use one of {', '.join(CONFIDENCE_MEASURES)}"
-            )
-        if np.ndim(self.thresholds) == 0:
-            object.__setattr__(self, "thresholds", float(self.thresholds))
-        else:
-            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if hasattr(self.thresholds, "tolist"):  # a numpy or torch scalar or array
+            object.__setattr__(self, "thresholds", self.thresholds.tolist())
+        check_fields(self)  # a YAML list of thresholds becomes a tuple of floats
+        check_choice("measure", self.measure, CONFIDENCE_MEASURES)
         _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
 
     def thresholds_tensor(self, num_exits: int) -> Tensor:
@@ -86,11 +85,11 @@ class ExitPolicy:
 
 def _check_threshold_values(measure: str, values: np.ndarray) -> None:
     if np.isnan(values).any():
-        raise ValueError(f"thresholds must not be NaN, got {values.tolist()}")
+        raise ConfigError(f"thresholds: must not be NaN, got {values.tolist()}")
     upper = _MEASURE_MAX[measure]
     if (np.isfinite(values) & (values > upper)).any():
-        raise ValueError(
-            f"thresholds {values.tolist()} include values above {upper}, the largest {measure} "
+        raise ConfigError(
+            f"thresholds: {values.tolist()} include values above {upper}, the largest {measure} "
             "can reach, so that exit could never answer; use +inf to disable an exit on purpose"
         )
 

@@ -24,11 +24,21 @@ import yaml
 
 import specialize
 from backbones.checkpoint import load_checkpoint
+from configkit import (
+    ConfigError,
+    apply_overrides,
+    check_choice,
+    check_fields,
+    check_int,
+    check_number,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from specialize import curves
 from specialize.anchoring import heads_state, unanchor_heads
-from specialize.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
-from specialize.engine import EngineResult, make_step_fn
+from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, make_step_fn
 from specialize.evaluation import (
     ExitPass,
     curve_points,
@@ -57,15 +67,8 @@ class ModelConfig:
     # training config of the default model (configs/backbones/...)
     train_config: str = str(DEFAULT_CONFIG)
 
-
-@dataclass
-class PolicyConfig:
-    """How exits answer."""
-
-    # confidence measure: max_softmax | margin | neg_entropy
-    measure: str = "max_softmax"
-    # one threshold for all early exits, or one per early exit
-    thresholds: float | list[float] = 0.9
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -81,6 +84,12 @@ class EngineConfig:
     num_threads: int | None = 1
     # malformed or non-finite inputs: error | skip (skipped samples are counted)
     on_bad_input: str = "error"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_int("batch_size", self.batch_size, ge=1)
+        check_int("num_threads", self.num_threads, ge=1, optional=True)
+        check_choice("on_bad_input", self.on_bad_input, BAD_INPUT_ACTIONS)
 
 
 @dataclass
@@ -100,8 +109,11 @@ class DriftConfig:
     reset_on_alarm: bool = True
 
     def __post_init__(self) -> None:
-        if self.alarm not in ("none", "class_mix"):
-            raise ValueError(f"drift.alarm must be none or class_mix, got {self.alarm!r}")
+        check_fields(self)
+        for name in ("window", "alarm_window"):
+            check_int(name, getattr(self, name), ge=1)
+        check_choice("alarm", self.alarm, ("none", "class_mix"))
+        check_number("alarm_threshold", self.alarm_threshold, gt=0, le=1)
 
 
 @dataclass
@@ -115,6 +127,11 @@ class EvaluationConfig:
     # also replay the stream with the model frozen (the side-by-side baseline)
     frozen_replay: bool = True
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_int("batch_size", self.batch_size, ge=1)
+        check_number("iso_drop", self.iso_drop, ge=0)
+
 
 @dataclass
 class RunConfig:
@@ -122,7 +139,9 @@ class RunConfig:
 
     scenario: dict[str, Any] = field(default_factory=dict)  # a streams ScenarioConfig
     model: ModelConfig = field(default_factory=ModelConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # how exits answer: measure (max_softmax | margin | neg_entropy) and thresholds (one for
+    # all early exits, or one per early exit)
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
     updater: UpdaterConfig = field(default_factory=UpdaterConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -131,7 +150,11 @@ class RunConfig:
     progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
-        ScenarioConfig.from_dict(self.scenario)  # validate early, with the field's name
+        check_fields(self)  # every section is built from its mapping and checks itself
+        scenario = from_dict(ScenarioConfig, self.scenario, where="scenario")  # validate early
+        if scenario.holdout_fraction == 0:
+            raise ConfigError(f"scenario.holdout_fraction: must be > 0 for a run (the curves "
+                              f"are measured on held-out samples), got {scenario.holdout_fraction}")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -160,8 +183,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         if "." not in key and key not in run_fields:
             if key not in scenario_fields:
                 raise ConfigError(
-                    f"unknown key {key!r}: not a run field ({', '.join(sorted(run_fields))}) "
-                    f"nor a scenario field ({', '.join(sorted(scenario_fields))})")
+                    f"{key}: unknown key; allowed keys: the run's ({', '.join(sorted(run_fields))})"
+                    f" and the scenario's ({', '.join(sorted(scenario_fields))})")
             text = f"scenario.{text.strip()}"
         routed.append(text)
     return from_dict(RunConfig, apply_overrides(data, routed))
@@ -227,10 +250,8 @@ def build_run_stream(config: RunConfig, model) -> Stream:
 
 
 def build_policy(config: RunConfig) -> ExitPolicy:
-    """The exit policy a run config describes."""
-    value = config.policy.thresholds
-    thresholds = tuple(value) if isinstance(value, (list, tuple)) else float(value)
-    return ExitPolicy(config.policy.measure, thresholds)
+    """The exit policy of a run config (``config.policy``; kept for scripts)."""
+    return config.policy
 
 
 def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from configkit import check_choice, check_fields, check_int, check_number
 from specialize.anchoring import AnchoredHead, anchor_heads, is_anchored
 
 __all__ = [
@@ -136,46 +137,23 @@ class UpdaterConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, ("sync", "async"))
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_number("anchor_weight", self.anchor_weight, low=0.0, high=1.0)
-        _check_choice("target", self.target, ("hard", "soft"))
-        _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
-        _check_number("temperature", self.temperature, low=0.0)
-        if self.min_confidence is not None:
-            _check_number("min_confidence", self.min_confidence, low=None)
+        check_fields(self)  # types: ints are ints, bools are bools, numbers become floats
+        check_choice("mode", self.mode, ("sync", "async"))
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_number("anchor_weight", self.anchor_weight, gt=0, lt=1)
+        check_choice("target", self.target, ("hard", "soft"))
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_number("temperature", self.temperature, gt=0)
+        check_number("min_confidence", self.min_confidence, optional=True)
         for name in ("update_every", "batch_size", "steps_per_update", "queue_size",
                      "audit_baseline", "audit_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        _check_number("lr", self.lr, low=0.0)
-        _check_number("buffer_mb", self.buffer_mb, low=0.0)
-        _check_number("momentum", self.momentum, low=0.0, inclusive=True, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0, inclusive=True)
-        _check_number("audit_margin", self.audit_margin, low=0.0, inclusive=True)
-        if self.grad_clip is not None:
-            _check_number("grad_clip", self.grad_clip, low=0.0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("rollback", "enabled"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, *, low: float | None, inclusive: bool = False,
-                  high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value < low or (value == low and not inclusive)):
-        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
-    if high is not None and value >= high:
-        raise ValueError(f"{name} must be < {high}, got {value!r}")
+            check_int(name, getattr(self, name), ge=1)
+        check_number("lr", self.lr, gt=0)
+        check_number("buffer_mb", self.buffer_mb, gt=0)
+        check_number("momentum", self.momentum, ge=0, lt=1)
+        check_number("weight_decay", self.weight_decay, ge=0)
+        check_number("audit_margin", self.audit_margin, ge=0)
+        check_number("grad_clip", self.grad_clip, gt=0, optional=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from backbones import create_backbone
 from backbones.checkpoint import CheckpointError, read_checkpoint
 from backbones.multi_exit import MultiExitNet
 from backbones.train import TrainConfig, TrainResult, config_fingerprint, train
-from specialize.config import apply_overrides, from_dict, load_yaml
+from configkit import ConfigError, apply_overrides, from_dict, load_yaml
 from streams.datasets import load_dataset
 from streams.transforms import InputTransform
 
@@ -51,7 +51,10 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
         ConfigError: Invalid YAML, unknown key or invalid value.
     """
     data = apply_overrides(load_yaml(path), list(overrides))
-    return from_dict(TrainConfig, data, where=Path(path).stem)
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def cache_path(config: TrainConfig, name: str = "backbone") -> Path:

@@ -30,8 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from configkit import (
+    ConfigError,
+    apply_overrides,
+    check_choice,
+    check_int,
+    check_number,
+    from_dict,
+    is_integer,
+    load_yaml,
+)
 from streams.datasets import list_datasets
 
 __all__ = [
@@ -68,10 +77,6 @@ _TUPLE_FIELDS = ("classes", "class_order")
 
 # Purpose keys of the seeded generators (``SeedSequence(seed, spawn_key=(key, ...))``).
 RNG_HOLDOUT, RNG_LABELS, RNG_DRAW = 0, 1, 2
-
-
-class ConfigError(ValueError):
-    """A scenario config or override is invalid; the message names the field and what is allowed."""
 
 
 def seeded_rng(seed: int, *purpose: int) -> np.random.Generator:
@@ -116,7 +121,7 @@ class ScenarioConfig:
     phases: tuple[ScenarioConfig, ...] | None = None  # phases: sub-scenarios played in order
 
     def __post_init__(self) -> None:
-        _check_choice("scenario", self.scenario, SCENARIO_KINDS)
+        check_choice("scenario", self.scenario, SCENARIO_KINDS)
         _check_kind_fields(self)
         for name, default in _KIND_DEFAULTS.items():
             if name in _KIND_FIELDS[self.scenario] and getattr(self, name) is None:
@@ -143,14 +148,7 @@ class ScenarioConfig:
         Raises:
             ConfigError: An unknown key or an invalid value; the message names the field.
         """
-        data = {} if data is None else data
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a scenario must be a mapping of field: value, got {data!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise _fail(unknown[0], f"unknown key; allowed keys: {', '.join(allowed)}")
-        return cls(**dict(data))
+        return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON data that :meth:`from_dict` turns back into an equal config."""
@@ -176,11 +174,6 @@ def _fail(name: str, message: str) -> ConfigError:
     return ConfigError(f"{name}: {message}")
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise _fail(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
-
-
 def _check_kind_fields(config: ScenarioConfig) -> None:
     used = _KIND_FIELDS[config.scenario]
     for name in sorted({f for fields in _KIND_FIELDS.values() for f in fields} - set(used)):
@@ -193,50 +186,17 @@ def _check_kind_fields(config: ScenarioConfig) -> None:
             )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
-        raise _fail(name, f"must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(
-    name: str, value: Any, low: float, high: float, *, open_low: bool, open_high: bool
-) -> float:
-    number = float(value) if _is_int(value) or isinstance(value, float) else math.nan
-    too_low = number <= low if open_low else number < low
-    too_high = number >= high if open_high else number > high
-    if math.isnan(number) or too_low or too_high:
-        if math.isinf(high):
-            allowed = f"{'>' if open_low else '>='} {low:g}" + ("" if open_high else " or .inf")
-        else:
-            allowed = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise _fail(name, f"must be a number {allowed}, got {value!r}")
-    return number
-
-
-def _set_float(
-    config: ScenarioConfig,
-    name: str,
-    low: float,
-    high: float = math.inf,
-    *,
-    open_low: bool = False,
-    open_high: bool = True,
-) -> None:
+def _set_checked(config: ScenarioConfig, name: str, check: Callable, **bounds: Any) -> None:
+    """Store ``check(name, value, **bounds)`` in field ``name`` unless it is ``None`` (unset)."""
     value = getattr(config, name)
     if value is not None:
-        number = _check_float(name, value, low, high, open_low=open_low, open_high=open_high)
-        object.__setattr__(config, name, number)
+        object.__setattr__(config, name, check(name, value, **bounds))
 
 
 def _check_pool_fields(config: ScenarioConfig) -> None:
     if not isinstance(config.name, str):
         raise _fail("name", f"must be a string, got {config.name!r}")
-    _check_choice("dataset", config.dataset, list_datasets())
+    check_choice("dataset", config.dataset, list_datasets())
     if config.root is not None:
         if not isinstance(config.root, (str, Path)):
             raise _fail("root", f"must be a folder path or null, got {config.root!r}")
@@ -246,8 +206,9 @@ def _check_pool_fields(config: ScenarioConfig) -> None:
     if not isinstance(config.dataset_options, Mapping):
         raise _fail("dataset_options", f"must be a mapping, got {config.dataset_options!r}")
     object.__setattr__(config, "dataset_options", dict(config.dataset_options))
-    object.__setattr__(config, "seed", _check_int("seed", config.seed, 0))
-    _set_float(config, "holdout_fraction", 0.0, 1.0)
+    object.__setattr__(config, "seed", check_int("seed", config.seed, ge=0))
+    holdout = check_number("holdout_fraction", config.holdout_fraction, ge=0, lt=1)
+    object.__setattr__(config, "holdout_fraction", holdout)
 
 
 def _class_tuple(name: str, value: Any) -> tuple[int, ...] | None:
@@ -259,7 +220,7 @@ def _class_tuple(name: str, value: Any) -> tuple[int, ...] | None:
         raise _fail(name, f"must be a list of class ids such as [5, 7, 9], got {value!r}")
     if not value:
         raise _fail(name, "empty list; give at least one class id, or leave it unset for all")
-    bad = [item for item in value if not _is_int(item) or item < 0]
+    bad = [item for item in value if not is_integer(item) or item < 0]
     if bad:
         raise _fail(name, f"class ids must be integers >= 0, got {bad[0]!r}")
     if len(set(value)) != len(value):
@@ -282,17 +243,12 @@ def _check_class_fields(config: ScenarioConfig) -> None:
 
 
 def _check_kind_values(config: ScenarioConfig) -> None:
-    _set_float(config, "other_rate", 0.0, 1.0)
-    _set_float(config, "a", 0.0, open_low=True)
-    _set_float(config, "beta", 0.0, open_low=True)
-    _set_float(config, "ir", 1.0, open_high=False)
-    if config.num_slots is not None:
-        object.__setattr__(config, "num_slots", _check_int("num_slots", config.num_slots, 1))
-    if config.segment_length is not None:
-        segment_length = _check_int("segment_length", config.segment_length, 1)
-        object.__setattr__(config, "segment_length", segment_length)
-    if config.length is not None:
-        object.__setattr__(config, "length", _check_int("length", config.length, 1))
+    _set_checked(config, "other_rate", check_number, ge=0, lt=1)
+    _set_checked(config, "a", check_number, gt=0)
+    _set_checked(config, "beta", check_number, gt=0)
+    _set_checked(config, "ir", check_number, ge=1, allow_inf=True)
+    for name in ("num_slots", "segment_length", "length"):
+        _set_checked(config, name, check_int, ge=1)
 
 
 def _build_phases(config: ScenarioConfig) -> tuple[ScenarioConfig, ...]:
@@ -317,10 +273,7 @@ def _build_phase(index: int, phase: Any, shared: dict[str, Any]) -> ScenarioConf
             )
     if phase.get("scenario") == "phases":
         raise _fail(f"{where}.scenario", "phases cannot nest; list the sub-scenarios flat")
-    try:
-        return ScenarioConfig.from_dict({**phase, **shared})
-    except ConfigError as err:
-        raise ConfigError(f"{where}.{err}") from None
+    return from_dict(ScenarioConfig, {**phase, **shared}, where=where)
 
 
 def _phase_dict(phase: ScenarioConfig) -> dict[str, Any]:
@@ -508,42 +461,6 @@ def _resolve_path(path: str | Path) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (values parsed as YAML; ``a.b=v`` sets a nested key)."""
-    result = dict(data)
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {text!r} is not of the form key=value (e.g. seed=3)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
-        *parents, last = key.strip().split(".")
-        node = result
-        for part in parents:
-            child = node.get(part)
-            child = {} if child is None else child
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[last] = value
-    return result
-
-
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> ScenarioConfig:
     """Read a scenario YAML file and apply command-line overrides.
 
@@ -560,7 +477,7 @@ def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> ScenarioCo
         ConfigError: Invalid YAML, override, key or value; the message names file and field.
     """
     resolved = _resolve_path(path)
-    data = _apply_overrides(_read_yaml(resolved), overrides)
+    data = apply_overrides(load_yaml(resolved), overrides)
     data.setdefault("name", resolved.stem)
     try:
         return ScenarioConfig.from_dict(data)

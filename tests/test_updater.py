@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from specialize.config import ConfigError, from_dict
+from configkit import ConfigError, from_dict
 from specialize.updater import (
     HeadUpdater,
     ReplayBuffer,
@@ -79,17 +79,17 @@ def fast_config(**kwargs):
 
 def test_config_validates_with_clear_errors():
     for field, value, words in [
-        ("mode", "threads", "mode must be one of 'sync', 'async'"),
-        ("target", "logits", "target must be one of"),
-        ("temperature", 0.0, "temperature must be > 0"),
-        ("update_every", 0, "update_every must be an integer >= 1"),
-        ("batch_size", 2.5, "batch_size must be an integer"),
-        ("optimizer", "lbfgs", "optimizer must be one of"),
-        ("lr", -1.0, "lr must be > 0"),
-        ("momentum", 1.0, "momentum must be < 1"),
-        ("buffer_mb", float("nan"), "buffer_mb must be a finite number"),
-        ("grad_clip", 0.0, "grad_clip must be > 0"),
-        ("enabled", "yes", "enabled must be true or false"),
+        ("mode", "threads", "mode: unknown value 'threads'; allowed: sync, async"),
+        ("target", "logits", "target: unknown value"),
+        ("temperature", 0.0, "temperature: must be a number > 0"),
+        ("update_every", 0, "update_every: must be an integer >= 1"),
+        ("batch_size", 2.5, "batch_size: must be an integer"),
+        ("optimizer", "lbfgs", "optimizer: unknown value"),
+        ("lr", -1.0, "lr: must be a number > 0"),
+        ("momentum", 1.0, r"momentum: must be a number in \[0, 1\)"),
+        ("buffer_mb", float("nan"), "buffer_mb: must be a number > 0, got nan"),
+        ("grad_clip", 0.0, "grad_clip: must be a number > 0"),
+        ("enabled", "yes", "enabled: must be true or false"),
     ]:
         with pytest.raises(ValueError, match=words):
             UpdaterConfig(**{field: value})
