@@ -58,21 +58,11 @@ class ExitOptions:
         infos: Sequence[dict[str, Any]], reduction_scale: int, *, num_classes: int,
         input_size: Sequence[int], build_args: dict[str, Any],
     ) -> MultiExitNet:
-        """Put exits (and this gate mode) on ``stem`` and ``stages``.
+        """The ``MultiExitNet`` of ``stem`` and ``stages`` with these exits and gate mode.
 
-        Args:
-            name: Registered name.
-            stem: The stem.
-            stages: The stages.
-            infos: timm ``feature_info`` of each stage (``num_chs``, ``reduction``).
-            reduction_scale: What the stem's reduction differs from timm's by (the stage
-                reductions are divided by it).
-            num_classes: Classes of every exit.
-            input_size: ``(C, H, W)``.
-            build_args: The keyword arguments that rebuild the model.
-
-        Returns:
-            The multi-exit network.
+        ``infos`` is timm's ``feature_info`` of each stage (``num_chs``, ``reduction``); the
+        reductions are divided by ``reduction_scale``, the factor by which the stem reduces
+        less than timm's. The other arguments are ``MultiExitNet``'s.
         """
         return MultiExitNet(
             stem, stages, [info["num_chs"] for info in infos], num_classes=num_classes,
@@ -125,8 +115,7 @@ def small_resnet(
     Returns:
         The multi-exit network.
     """
-    exits, unknown = ExitOptions.split(options)
-    _reject_unknown(name, unknown)
+    exits = ExitOptions(**options)
     build_args = {"num_classes": num_classes, "in_chans": in_chans, "input_size": input_size,
                   "stem_width": stem_width, **exits.build_args()}
     input_size = tuple(input_size or (in_chans, 28, 28))
@@ -200,15 +189,6 @@ def timm_resnet(
     if small_input:
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
-
-
-def _reject_unknown(name: str, unknown: dict[str, Any]) -> None:
-    if unknown:
-        raise TypeError(
-            f"{name}: unexpected arguments {', '.join(unknown)}; it takes num_classes, "
-            "in_chans, input_size, stem_width and the ExitOptions fields (gating, gate_mode, "
-            "gate_negative_slope, exit_stages, head, head_hidden, head_pool)"
-        )
 
 
 def _check_in_chans(in_chans: int, input_size: Sequence[int]) -> None:
