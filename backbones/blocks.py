@@ -36,15 +36,29 @@ def _merge(residual: Tensor, shortcut: Tensor, block_salience: Tensor) -> Tensor
 
 
 class _GatedMixin:
-    """Shared parts of the gated blocks: the gate and the shortcut/merge tail."""
+    """Shared parts of the gated blocks: the gate and the shortcut/merge tail.
+
+    Args:
+        inplanes: Input channels.
+        planes: The timm block's ``planes``.
+        *args: Positional arguments of the timm block.
+        gate_negative_slope: Leaky ReLU-1 slope of the gates in training.
+        **kwargs: Keyword arguments of the timm block.
+    """
 
     gate: BlockGate
+    conv1: nn.Conv2d
     downsample: nn.Module | None
     se: nn.Module | None
     drop_path: nn.Module | None
 
-    def _init_gate(self, in_chs: int, mid_chs: int, negative_slope: float) -> None:
-        self.gate = BlockGate(in_chs, mid_chs, negative_slope=negative_slope)
+    def __init__(
+        self, inplanes: int, planes: int, *args: Any, gate_negative_slope: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(inplanes, planes, *args, **kwargs)  # the timm block
+        self.gate = BlockGate(inplanes, self.conv1.out_channels,
+                              negative_slope=gate_negative_slope)
 
     def _shortcut(self, x: Tensor) -> Tensor:
         return x if self.downsample is None else self.downsample(x)
@@ -64,20 +78,9 @@ class _GatedMixin:
 class GatedBasicBlock(_GatedMixin, BasicBlock):
     """timm ``BasicBlock`` with LC-Net gates; ``S_C`` scales the first 3x3 conv's output.
 
-    Args:
-        inplanes: Input channels.
-        planes: Output channels.
-        *args: Positional arguments of timm's ``BasicBlock``.
-        gate_negative_slope: Leaky ReLU-1 slope of the gates in training.
-        **kwargs: Keyword arguments of timm's ``BasicBlock``.
+    Takes ``BasicBlock``'s arguments (``planes``: output channels) and
+    ``gate_negative_slope``, the gates' leaky ReLU-1 slope in training.
     """
-
-    def __init__(
-        self, inplanes: int, planes: int, *args: Any, gate_negative_slope: float = 0.01,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(inplanes, planes, *args, **kwargs)
-        self._init_gate(inplanes, self.conv1.out_channels, gate_negative_slope)
 
     def forward_gated(self, x: Tensor) -> tuple[Tensor, GateDecision]:
         """Return the block output and its gate decisions."""
@@ -92,20 +95,9 @@ class GatedBasicBlock(_GatedMixin, BasicBlock):
 class GatedBottleneck(_GatedMixin, Bottleneck):
     """timm ``Bottleneck`` with LC-Net gates; ``S_C`` scales the first 1x1 conv's output.
 
-    Args:
-        inplanes: Input channels.
-        planes: Bottleneck width (output channels are ``planes * 4``).
-        *args: Positional arguments of timm's ``Bottleneck``.
-        gate_negative_slope: Leaky ReLU-1 slope of the gates in training.
-        **kwargs: Keyword arguments of timm's ``Bottleneck``.
+    Takes ``Bottleneck``'s arguments (``planes``: the bottleneck width; output channels are
+    ``planes * 4``) and ``gate_negative_slope``, the gates' leaky ReLU-1 slope in training.
     """
-
-    def __init__(
-        self, inplanes: int, planes: int, *args: Any, gate_negative_slope: float = 0.01,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(inplanes, planes, *args, **kwargs)
-        self._init_gate(inplanes, self.conv1.out_channels, gate_negative_slope)
 
     def forward_gated(self, x: Tensor) -> tuple[Tensor, GateDecision]:
         """Return the block output and its gate decisions."""

@@ -9,34 +9,22 @@ also returns what each head read and the gate decisions of every gated block tha
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from backbones.blocks import is_gated
+from backbones.contract import ExitOutputs
 from backbones.cost import GATE_MODES, CostProfile, profile_cost
 from backbones.gates import GateDecision, ReLU1
 from backbones.heads import create_head
 
 
-@dataclass
-class ExitOutputs:
-    """What a (lazy) multi-exit forward produced.
-
-    Attributes:
-        logits: One ``(B, num_classes)`` tensor per evaluated exit.
-        features: The tensor each evaluated head read (the stage output).
-        gates: Decisions of the gated blocks that ran, in execution order.
-    """
-
-    logits: list[Tensor] = field(default_factory=list)
-    features: list[Tensor] = field(default_factory=list)
-    gates: list[GateDecision] = field(default_factory=list)
-
-
 class MultiExitNet(nn.Module):
     """A backbone split into stages, with one exit head after each chosen stage.
+
+    Keeps the ``MultiExitModel`` contract (``backbones.contract``); the dynamic executor also
+    reads its ``stem`` and ``stages``.
 
     Args:
         stem: Module applied to the input before the first stage.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
-from backbones.multi_exit import MultiExitNet
+from backbones.contract import MultiExitModel
 
-_ENTRYPOINTS: dict[str, Callable[..., MultiExitNet]] = {}
+_ENTRYPOINTS: dict[str, Callable[..., MultiExitModel]] = {}
 
 
-def register_backbone(fn: Callable[..., MultiExitNet]) -> Callable[..., MultiExitNet]:
+def register_backbone(fn: Callable[..., MultiExitModel]) -> Callable[..., MultiExitModel]:
     """Register ``fn`` under its function name as a backbone entry point."""
     if fn.__name__ in _ENTRYPOINTS:
         raise ValueError(f"backbone {fn.__name__!r} is registered twice")
@@ -23,7 +23,7 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(name for name in _ENTRYPOINTS if fnmatch.fnmatch(name, pattern))
 
 
-def create_backbone(name: str, **kwargs: object) -> MultiExitNet:
+def create_backbone(name: str, **kwargs: object) -> MultiExitModel:
     """Build a registered multi-exit backbone.
 
     Args:
@@ -33,7 +33,9 @@ def create_backbone(name: str, **kwargs: object) -> MultiExitNet:
             ``input_size``, ``gating``, ``gate_mode``, ``exit_stages``, ``head`` ...).
 
     Returns:
-        The model, its ``build_args`` set so that checkpoints can rebuild it.
+        The model: a ``MultiExitNet`` for registered names, an ``IntermediateExitNet`` for
+        ``timm:`` names; both keep the ``MultiExitModel`` contract. Its ``build_args`` are
+        set so that checkpoints can rebuild it.
 
     Raises:
         ValueError: Unknown name (the message lists the known ones).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, make_blocks
@@ -13,12 +14,63 @@ from backbones.multi_exit import MultiExitNet
 from backbones.registry import register_backbone
 
 
-def _block_fn(block: type[nn.Module], gating: bool) -> type[nn.Module]:
-    return GATED_BLOCKS[block] if gating else block
+@dataclass(frozen=True)
+class ExitOptions:
+    """How a ResNet-family backbone is gated and where its exits sit (every builder's options).
 
+    Attributes:
+        gating: Build LC-Net gated blocks (``False``: plain timm blocks, the baseline).
+        gate_mode: ``parallel`` or ``sequential``.
+        gate_negative_slope: Leaky ReLU-1 slope of the gates in training.
+        exit_stages: Stages followed by an exit (default: all).
+        head: Exit head kind.
+        head_hidden: Hidden width of MLP / conv heads.
+        head_pool: Output size of the heads' average pool (1: global).
+    """
 
-def _block_kwargs(gating: bool, gate_negative_slope: float) -> dict[str, Any]:
-    return {"gate_negative_slope": gate_negative_slope} if gating else {}
+    gating: bool = True
+    gate_mode: str = "parallel"
+    gate_negative_slope: float = 0.01
+    exit_stages: Sequence[int] | None = None
+    head: str = "pool_fc"
+    head_hidden: int = 128
+    head_pool: int = 1
+
+    @classmethod
+    def split(cls, kwargs: dict[str, Any]) -> tuple[ExitOptions, dict[str, Any]]:
+        """The options named in ``kwargs``, and the other keyword arguments."""
+        names = {f.name for f in fields(cls)}
+        options = cls(**{k: v for k, v in kwargs.items() if k in names})
+        return options, {k: v for k, v in kwargs.items() if k not in names}
+
+    def build_args(self) -> dict[str, Any]:
+        """Every option by name, as ``create_backbone`` takes them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def block(self, block: type[nn.Module]) -> tuple[type[nn.Module], dict[str, Any]]:
+        """The block class to build (gated or not) and its extra keyword arguments."""
+        if self.gating:
+            return GATED_BLOCKS[block], {"gate_negative_slope": self.gate_negative_slope}
+        return block, {}
+
+    def network(
+        self, name: str, stem: nn.Module, stages: Sequence[nn.Module],
+        infos: Sequence[dict[str, Any]], reduction_scale: int, *, num_classes: int,
+        input_size: Sequence[int], build_args: dict[str, Any],
+    ) -> MultiExitNet:
+        """The ``MultiExitNet`` of ``stem`` and ``stages`` with these exits and gate mode.
+
+        ``infos`` is timm's ``feature_info`` of each stage (``num_chs``, ``reduction``); the
+        reductions are divided by ``reduction_scale``, the factor by which the stem reduces
+        less than timm's. The other arguments are ``MultiExitNet``'s.
+        """
+        return MultiExitNet(
+            stem, stages, [info["num_chs"] for info in infos], num_classes=num_classes,
+            input_size=input_size, exit_stages=self.exit_stages, head=self.head,
+            head_hidden=self.head_hidden, head_pool=self.head_pool, gate_mode=self.gate_mode,
+            stage_reductions=[info["reduction"] // reduction_scale for info in infos],
+            name=name, build_args=build_args,
+        )
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -43,13 +95,7 @@ def small_resnet(
     in_chans: int = 1,
     input_size: Sequence[int] | None = None,
     stem_width: int | None = None,
-    gating: bool = True,
-    gate_mode: str = "parallel",
-    gate_negative_slope: float = 0.01,
-    exit_stages: Sequence[int] | None = None,
-    head: str = "pool_fc",
-    head_hidden: int = 128,
-    head_pool: int = 1,
+    **options: Any,
 ) -> MultiExitNet:
     """A ResNet for 28x28 / 32x32 inputs: 3x3 stride-1 stem, stages built by timm.
 
@@ -62,19 +108,16 @@ def small_resnet(
         in_chans: Input channels.
         input_size: ``(C, H, W)``; default ``(in_chans, 28, 28)``.
         stem_width: Stem output channels (default ``channels[0]``).
-        gating: Build LC-Net gated blocks (``False``: plain timm blocks, the baseline).
-        gate_mode: ``parallel`` or ``sequential``.
-        gate_negative_slope: Leaky ReLU-1 slope in training.
-        exit_stages: Stages followed by an exit (default: all).
-        head: Exit head kind.
-        head_hidden: Hidden width of MLP / conv heads.
-        head_pool: Output size of the heads' average pool (1: global).
+        **options: Gating and exits: the fields of :class:`ExitOptions` (``gating``,
+            ``gate_mode``, ``gate_negative_slope``, ``exit_stages``, ``head``,
+            ``head_hidden``, ``head_pool``).
 
     Returns:
         The multi-exit network.
     """
-    build_args = {k: v for k, v in locals().items() if k not in ("name", "block", "channels",
-                                                                "layers")}
+    exits = ExitOptions(**options)
+    build_args = {"num_classes": num_classes, "in_chans": in_chans, "input_size": input_size,
+                  "stem_width": stem_width, **exits.build_args()}
     input_size = tuple(input_size or (in_chans, 28, 28))
     _check_in_chans(in_chans, input_size)
     stem_width = stem_width or channels[0]
@@ -83,17 +126,14 @@ def small_resnet(
         nn.BatchNorm2d(stem_width),
         nn.ReLU(inplace=True),
     )
+    block_fn, block_kwargs = exits.block(block)
     stage_modules, feature_info = make_blocks(
-        (_block_fn(block, gating),) * len(channels), tuple(channels), tuple(layers), stem_width,
-        **_block_kwargs(gating, gate_negative_slope),
+        (block_fn,) * len(channels), tuple(channels), tuple(layers), stem_width, **block_kwargs,
     )
-    stages = [module for _, module in stage_modules]
-    model = MultiExitNet(
-        stem, stages, [info["num_chs"] for info in feature_info],
-        num_classes=num_classes, input_size=input_size, exit_stages=exit_stages, head=head,
-        head_hidden=head_hidden, head_pool=head_pool, gate_mode=gate_mode,
-        stage_reductions=[info["reduction"] // 4 for info in feature_info],
-        name=name, build_args=build_args,
+    # make_blocks counts reductions from timm's stride-4 stem; this stem has stride 1
+    model = exits.network(
+        name, stem, [module for _, module in stage_modules], feature_info, 4,
+        num_classes=num_classes, input_size=input_size, build_args=build_args,
     )
     _init_weights(model)
     return model
@@ -108,14 +148,7 @@ def timm_resnet(
     in_chans: int = 3,
     input_size: Sequence[int] | None = None,
     small_input: bool = False,
-    gating: bool = True,
-    gate_mode: str = "parallel",
-    gate_negative_slope: float = 0.01,
-    exit_stages: Sequence[int] | None = None,
-    head: str = "pool_fc",
-    head_hidden: int = 128,
-    head_pool: int = 1,
-    **resnet_kwargs: Any,
+    **kwargs: Any,
 ) -> MultiExitNet:
     """A timm ResNet-family model (resnet18/34/50, wide, ResNeXt) with gates and exits.
 
@@ -127,40 +160,30 @@ def timm_resnet(
         in_chans: Input channels.
         input_size: ``(C, H, W)``; default ``(in_chans, 224, 224)`` (32 with small_input).
         small_input: Replace the 7x7/2 stem and max-pool with a 3x3/1 stem (CIFAR style).
-        gating: Build LC-Net gated blocks.
-        gate_mode: ``parallel`` or ``sequential``.
-        gate_negative_slope: Leaky ReLU-1 slope in training.
-        exit_stages: Stages followed by an exit (default: all four).
-        head: Exit head kind.
-        head_hidden: Hidden width of MLP / conv heads.
-        head_pool: Output size of the heads' average pool (1: global).
-        **resnet_kwargs: Passed to ``timm.models.resnet.ResNet`` (``base_width``,
-            ``cardinality``, ``channels`` ...).
+        **kwargs: Gating and exits: the fields of :class:`ExitOptions` (``gating``,
+            ``gate_mode``, ``gate_negative_slope``, ``exit_stages``, ``head``,
+            ``head_hidden``, ``head_pool``); the rest is passed to
+            ``timm.models.resnet.ResNet`` (``base_width``, ``cardinality``, ``channels`` ...).
 
     Returns:
         The multi-exit network.
     """
-    build_args = {k: v for k, v in locals().items() if k not in ("name", "block", "layers",
-                                                                "resnet_kwargs")}
-    build_args.update(resnet_kwargs)
+    exits, resnet_kwargs = ExitOptions.split(kwargs)
+    build_args = {"num_classes": num_classes, "in_chans": in_chans, "input_size": input_size,
+                  "small_input": small_input, **exits.build_args(), **resnet_kwargs}
     input_size = tuple(input_size or (in_chans, 32, 32) if small_input else
                        input_size or (in_chans, 224, 224))
     _check_in_chans(in_chans, input_size)
-    net = ResNet(
-        block=_block_fn(block, gating), layers=tuple(layers), num_classes=0, in_chans=in_chans,
-        block_args=_block_kwargs(gating, gate_negative_slope), **resnet_kwargs,
-    )
+    block_fn, block_kwargs = exits.block(block)
+    net = ResNet(block=block_fn, layers=tuple(layers), num_classes=0, in_chans=in_chans,
+                 block_args=block_kwargs, **resnet_kwargs)
     if small_input:
         net.conv1 = nn.Conv2d(in_chans, net.bn1.num_features, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
-    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
-    infos = net.feature_info[1:]
-    reductions = [i["reduction"] // (4 if small_input else 1) for i in infos]
-    model = MultiExitNet(
-        stem, stages, [i["num_chs"] for i in infos], num_classes=num_classes,
-        input_size=input_size, exit_stages=exit_stages, head=head, head_hidden=head_hidden,
-        head_pool=head_pool, gate_mode=gate_mode, stage_reductions=reductions, name=name,
+    stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)  # small_input: stride 1
+    model = exits.network(
+        name, stem, [net.layer1, net.layer2, net.layer3, net.layer4], net.feature_info[1:],
+        4 if small_input else 1, num_classes=num_classes, input_size=input_size,
         build_args=build_args,
     )
     if small_input:

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from backbones.contract import ExitOutputs
 from backbones.cost import BlockCost, CostProfile
 from backbones.heads import create_head
-from backbones.multi_exit import ExitOutputs
 
 
 class IntermediateExitNet(nn.Module):
-    """A timm model with exit heads on its intermediates; same interface as ``MultiExitNet``.
+    """A timm model with exit heads on its intermediates (keeps the ``MultiExitModel`` contract).
 
     Args:
         backbone: A timm model with ``forward_intermediates`` and ``feature_info``.

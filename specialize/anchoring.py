@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones import MultiExitModel
+
 
 class AnchoredHead(nn.Module):
     """Serves ``(1 - weight) * softmax(base(x)) + weight * softmax(spec(x))`` as log-probs.
@@ -58,7 +60,7 @@ class AnchoredHead(nn.Module):
         return f"weight={self.weight}"
 
 
-def anchor_heads(model: nn.Module, weight: float) -> list[nn.Module]:
+def anchor_heads(model: MultiExitModel, weight: float) -> list[nn.Module]:
     """Anchor the early heads of ``model`` in place (the final head stays as it is).
 
     Each early head ``h`` becomes ``AnchoredHead(spec=h, base=frozen copy of h)``; the model's
@@ -84,7 +86,7 @@ def anchor_heads(model: nn.Module, weight: float) -> list[nn.Module]:
     return specs
 
 
-def unanchor_heads(model: nn.Module) -> None:
+def unanchor_heads(model: MultiExitModel) -> None:
     """Serve the specialized heads alone again (drops the frozen originals)."""
     for index, head in enumerate(model.heads):
         if isinstance(head, AnchoredHead):
@@ -92,7 +94,7 @@ def unanchor_heads(model: nn.Module) -> None:
     _refresh_cost(model)
 
 
-def heads_state(model: nn.Module) -> dict[str, Any]:
+def heads_state(model: MultiExitModel) -> dict[str, Any]:
     """The served heads in a form a fresh model loads: ``model.heads`` keys, anchors apart.
 
     Returns:
@@ -113,12 +115,12 @@ def heads_state(model: nn.Module) -> dict[str, Any]:
     return {"heads": state, "anchor_weights": weights}
 
 
-def is_anchored(model: nn.Module) -> bool:
+def is_anchored(model: MultiExitModel) -> bool:
     """Whether any head of ``model`` is an :class:`AnchoredHead`."""
     return any(isinstance(head, AnchoredHead) for head in model.heads)
 
 
-def _refresh_cost(model: nn.Module) -> None:
+def _refresh_cost(model: MultiExitModel) -> None:
     refresh = getattr(model, "refresh_cost_profile", None)
     if callable(refresh):
         refresh()

@@ -19,6 +19,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_command(
+    commands: argparse._SubParsersAction, name: str, *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A sub-command that reads a YAML config and ``key=value`` overrides (train, run)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    _add_config_args(parser)
+    return parser
+
+
 def _cmd_streams_describe(args: argparse.Namespace) -> int:
     import json
 
@@ -32,14 +41,13 @@ def _cmd_streams_describe(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser(
-        "train",
+    train = _add_config_command(
+        commands, "train",
         help="train a multi-exit backbone: every exit and LC-Net gate jointly",
         description="Train the backbone a config describes (configs/backbones/*.yaml), "
         "evaluating every exit after each epoch. Overrides use TrainConfig's field names, e.g. "
         "epochs=2 l1_weight=0.5 train_limit=5000. Runs under torchrun --nproc_per_node=N too.",
     )
-    _add_config_args(train)
     train.add_argument("--out", default=None, help="checkpoint file (default: the model cache, "
                        "$SPECIALIZE_CACHE or ~/.cache/specialize, keyed by the config's hash)")
     train.add_argument("--resume", default=None, help="continue an interrupted run from this "
@@ -94,8 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
-    run = commands.add_parser(
-        "run",
+    run = _add_config_command(
+        commands, "run",
         help="specialize a model on a stream and write the report (summary.json, report.md, PNGs)",
         description="Run an experiment. CONFIG is a run config (configs/runs/*.yaml) or just a "
         "scenario file (configs/scenarios/*.yaml; defaults fill in model, policy and updater). "
@@ -103,7 +111,6 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
         "scenario's own fields are overridable by their plain names (classes=[2,4,6] seed=3 "
         "length=2000); out=DIR chooses the run folder.",
     )
-    _add_config_args(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     run.set_defaults(handler=_cmd_run)
     demo = commands.add_parser(

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from backbones import MultiExitModel
 from backbones.cost import flops_per_sample
 from backbones.exit_rule import accepts, confidence
 from specialize.policy import ExitPolicy
@@ -55,7 +56,7 @@ class StepHook(Protocol):
         """Consume one step's output."""
 
 
-def reference_step(model: torch.nn.Module, x: Tensor, policy: ExitPolicy) -> StepOutput:
+def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> StepOutput:
     """Run exits lazily until every sample in ``x`` has answered (no compaction).
 
     Args:
@@ -103,13 +104,13 @@ class ExecutorStep:
         model: The multi-exit model (a ``MultiExitNet`` built from timm ResNet blocks).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: MultiExitModel) -> None:
         from backbones.executor import DynamicExecutor
 
         self.model = model
         self.executor = DynamicExecutor(model.eval())
 
-    def __call__(self, model: torch.nn.Module, x: Tensor, policy: ExitPolicy) -> StepOutput:
+    def __call__(self, model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> StepOutput:
         """Run one batch through the executor and convert its result."""
         if model is not self.model:
             raise ValueError("this ExecutorStep was built for another model")
@@ -122,7 +123,7 @@ class ExecutorStep:
         )
 
 
-def make_step_fn(model: torch.nn.Module, executor: bool):
+def make_step_fn(model: MultiExitModel, executor: bool):
     """The executor step when asked for and supported, else the reference lazy forward."""
     if not executor:
         return reference_step
@@ -209,8 +210,8 @@ class Engine:
     """
 
     def __init__(
-        self, model: torch.nn.Module, policy: ExitPolicy, *, hooks: Iterable[StepHook] = (),
-        step_fn: Callable[[torch.nn.Module, Tensor, ExitPolicy], StepOutput] = reference_step,
+        self, model: MultiExitModel, policy: ExitPolicy, *, hooks: Iterable[StepHook] = (),
+        step_fn: Callable[[MultiExitModel, Tensor, ExitPolicy], StepOutput] = reference_step,
         on_bad_input: str = "error",
         serving: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from backbones import MultiExitModel
 from backbones.cost import flops_at_exits
 from backbones.exit_rule import confidence as exit_confidence
 from backbones.exit_rule import select_exits
@@ -51,7 +52,7 @@ class ExitPass:
 
 @torch.no_grad()
 def exit_pass(
-    model: torch.nn.Module, images: Tensor, labels: Tensor, transform, *,
+    model: MultiExitModel, images: Tensor, labels: Tensor, transform, *,
     measure: str = "max_softmax", batch_size: int = 256, progress: bool = False,
     desc: str = "exits",
 ) -> ExitPass:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backbones import MultiExitModel
 from specialize.drift import ClassCostTracker, DriftDetector
 from specialize.engine import Engine, EngineResult, StepOutput, reference_step
 from specialize.policy import ExitPolicy
@@ -68,7 +69,7 @@ class Specializer:
     """
 
     def __init__(
-        self, model: torch.nn.Module, policy: ExitPolicy, updater: HeadUpdater | None = None,
+        self, model: MultiExitModel, policy: ExitPolicy, updater: HeadUpdater | None = None,
         *, tracker: ClassCostTracker | None = None, alarm: DriftDetector | None = None,
         reset_on_alarm: bool = False, step_fn=reference_step, on_bad_input: str = "error",
     ) -> None:

@@ -4,9 +4,9 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import backbones.executor as executor_module
 from backbones.blocks import is_gated
 from backbones.executor import DynamicExecutor, reference_result
+from backbones.executor import convs as executor_module
 from backbones.exit_rule import confidence
 from backbones.resnets import timm_resnet
 from tests.conftest import randomize_batchnorm, randomize_gates, tiny_model
