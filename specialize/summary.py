@@ -197,22 +197,16 @@ def _eval_splits(read_value: Reader) -> Reader:
 class ScenarioSummary(JsonRecord):
     """The resolved scenario and the exact stream it built.
 
-    Attributes:
-        settings: The scenario's config fields (``ScenarioConfig.to_dict()``), in its order;
-            a key also held by a field below is overridden in place by that field.
-        name: The stream's name.
-        classes: The stream's classes.
-        length: Samples in the stream.
-        fingerprint: Hash of the exact sample sequence.
-        phase_boundaries: Start position of each phase.
+    ``settings`` holds the scenario's config fields (``ScenarioConfig.to_dict()``) in their
+    order; a key also held by a typed field below is overridden in place by that field.
     """
 
     settings: dict[str, Any] = field(default_factory=dict)
-    name: str | None = None
-    classes: list[int] | None = None
-    length: int | None = None
-    fingerprint: str | None = None
-    phase_boundaries: list[int] | None = None
+    name: str | None = None  # the stream's name
+    classes: list[int] | None = None  # the stream's classes
+    length: int | None = None  # samples in the stream
+    fingerprint: str | None = None  # hash of the exact sample sequence
+    phase_boundaries: list[int] | None = None  # start position of each phase
 
     def to_json_dict(self) -> dict[str, Any]:
         """``settings`` with the typed fields put in (left out when ``None`` and unset)."""
@@ -233,45 +227,30 @@ class ScenarioSummary(JsonRecord):
 
 @dataclass
 class ModelSummary(JsonRecord):
-    """The specialized model.
+    """The specialized model; FLOPs per exit are for the full path to it, gates open."""
 
-    Attributes:
-        name: Backbone name.
-        num_exits: Number of exits.
-        exit_flops: FLOPs to reach each exit (full path, gates open).
-        exit_flops_specialized: The same with the served heads (anchored heads add a layer).
-        gating: Whether the backbone has gates.
-        gate_mode: ``parallel`` or ``sequential``.
-        checkpoint: The checkpoint file.
-        flops_unit: What the FLOPs figures count.
-        exit_accuracy: Accuracy (%) of each exit, if known (runs do not record it).
-    """
-
-    name: str | None = None
+    name: str | None = None  # backbone name
     num_exits: int | None = None
     exit_flops: list[int] = _field(default_factory=list)
+    # the same with the served heads (anchored heads add a linear layer)
     exit_flops_specialized: list[int] = _field(default_factory=list)
-    gating: bool | None = None
-    gate_mode: str | None = None
+    gating: bool | None = None  # whether the backbone has gates
+    gate_mode: str | None = None  # parallel | sequential
     checkpoint: str | None = None
-    flops_unit: str = FLOPS_CONVENTION
+    flops_unit: str = FLOPS_CONVENTION  # what the FLOPs figures count
+    # accuracy (%) of each exit, when known (runs do not record it; the report shows n/a)
     exit_accuracy: list[float] | None = _field(omit_if_none=True)
 
 
 @dataclass
 class CurvePoint(JsonRecord):
-    """One point of a cost/accuracy curve.
+    """One point of a cost/accuracy curve."""
 
-    Attributes:
-        threshold: The shared threshold (a list for per-exit schedules; ``None`` where not
-            finite, e.g. on the oracle curve).
-        accuracy: Accuracy in percent.
-        flops: Mean FLOPs per sample.
-    """
-
+    # the shared threshold (a list for per-exit schedules; None where not finite, e.g. on
+    # the oracle curve)
     threshold: float | list[float | None] | None = None
-    accuracy: float | None = None
-    flops: float | None = None
+    accuracy: float | None = None  # percent
+    flops: float | None = None  # mean per sample
 
 
 Curve = list[CurvePoint]
@@ -291,72 +270,43 @@ class OperatingPoint(JsonRecord):
 
 @dataclass
 class IsoAccuracy(JsonRecord):
-    """Compute at equal accuracy on eval_in (``specialize.curves.iso_accuracy``).
+    """Compute at equal accuracy on eval_in (``specialize.curves.iso_accuracy``)."""
 
-    Attributes:
-        target_accuracy: The before curve's peak minus ``evaluation.iso_drop`` points.
-        flops_before: Mean FLOPs at the target, before.
-        flops_after: The same after specialization.
-        flops_ratio: ``flops_after / flops_before``.
-        flops_oracle: The oracle's mean FLOPs at the target.
-        gap_closed: ``(before - after) / (before - oracle)``.
-    """
-
-    target_accuracy: float | None = None
-    flops_before: float | None = None
-    flops_after: float | None = None
-    flops_ratio: float | None = None
-    flops_oracle: float | None = None
-    gap_closed: float | None = None
+    target_accuracy: float | None = None  # the before curve's peak minus evaluation.iso_drop
+    flops_before: float | None = None  # mean FLOPs at the target before specializing
+    flops_after: float | None = None  # ... and after
+    flops_ratio: float | None = None  # after / before (below 1 is a saving)
+    flops_oracle: float | None = None  # the oracle exit choice's mean FLOPs at the target
+    gap_closed: float | None = None  # (before - after) / (before - oracle)
 
 
 @dataclass
 class ClassRow(JsonRecord):
-    """One class: held-out figures at the run's thresholds, and stream windows' FLOPs.
-
-    Attributes:
-        class_id: Class index (JSON key ``class``).
-        name: Class name.
-        in_stream: Whether the stream holds the class.
-        flops_before: Mean FLOPs on the class's held-out samples, before.
-        flops_after: The same after specialization.
-        accuracy_before: Accuracy (%) on the class's held-out samples, before.
-        accuracy_after: The same after specialization.
-        stream_flops_first_window: Mean FLOPs of samples predicted as the class in the
-            specializing stream's first tracker window.
-        stream_flops_last_window: The same in the last window.
-    """
+    """One class: held-out figures at the run's thresholds, and stream windows' FLOPs."""
 
     class_id: int | None = _field(key="class")
     name: str | None = None
-    in_stream: bool = False
-    flops_before: float | None = None
-    flops_after: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
+    in_stream: bool = False  # whether the stream holds the class
+    flops_before: float | None = None  # mean FLOPs on its held-out samples, before
+    flops_after: float | None = None  # ... after specializing
+    accuracy_before: float | None = None  # accuracy (%) on its held-out samples, before
+    accuracy_after: float | None = None  # ... after specializing
+    # mean FLOPs of the samples predicted as the class in the specializing stream's first
+    # and last tracker windows
     stream_flops_first_window: float | None = None
     stream_flops_last_window: float | None = None
 
 
 @dataclass
 class StreamRecord(JsonRecord):
-    """One replay of the stream.
+    """One replay of the stream."""
 
-    Attributes:
-        accuracy: Online accuracy (%).
-        mean_flops: Mean FLOPs per sample.
-        exit_histogram: Samples answered at each exit.
-        samples_per_second: Throughput (wall clock).
-        skipped: Inputs skipped as invalid.
-        updates: Head updates (specializing replay only).
-    """
-
-    accuracy: float | None = None
-    mean_flops: float | None = None
-    exit_histogram: list[int] | None = None
-    samples_per_second: float | None = None
-    skipped: int | None = None
-    updates: int | None = _field(omit_if_none=True)
+    accuracy: float | None = None  # online accuracy (%)
+    mean_flops: float | None = None  # per sample
+    exit_histogram: list[int] | None = None  # samples answered at each exit
+    samples_per_second: float | None = None  # throughput (wall clock)
+    skipped: int | None = None  # inputs skipped as invalid
+    updates: int | None = _field(omit_if_none=True)  # head updates (specializing only)
 
 
 @dataclass
@@ -369,72 +319,56 @@ class StreamSection(JsonRecord):
 
 @dataclass
 class DriftWindow(JsonRecord):
-    """One closed window of the per-class cost tracker (``ClassCostTracker.history()``).
+    """One closed window of the per-class cost tracker (``ClassCostTracker.history()``)."""
 
-    Attributes:
-        start: First stream position of the window.
-        end: Stream position after the window.
-        mean_flops: Mean FLOPs per predicted class.
-        counts: Samples per predicted class.
-        exit_histogram: Samples per exit.
-        mean_flops_all: Mean FLOPs of all samples.
-        mean_flops_true: Mean FLOPs per true class (windows with labels only).
-        counts_true: Samples per true class (windows with labels only).
-    """
-
-    start: int | None = None
-    end: int | None = None
-    mean_flops: dict[int, float] = _field(read=_class_keyed, default_factory=dict)
-    counts: dict[int, int] = _field(read=_class_keyed, default_factory=dict)
-    exit_histogram: list[int] | None = None
-    mean_flops_all: float | None = None
+    start: int | None = None  # first stream position of the window
+    end: int | None = None  # stream position after it
+    mean_flops: dict[int, float] = _field(read=_class_keyed, default_factory=dict)  # by pred
+    counts: dict[int, int] = _field(read=_class_keyed, default_factory=dict)  # by pred
+    exit_histogram: list[int] | None = None  # samples per exit
+    mean_flops_all: float | None = None  # over all samples of the window
+    # by true class, in windows with labelled samples only
     mean_flops_true: dict[int, float] | None = _field(read=_class_keyed, omit_if_none=True)
     counts_true: dict[int, int] | None = _field(read=_class_keyed, omit_if_none=True)
 
 
 @dataclass
 class DriftSummary(JsonRecord):
-    """Per-class compute over the specializing stream, and the drift alarms.
+    """Per-class compute over the specializing stream, and the drift alarms."""
 
-    Attributes:
-        window: Samples per tracker window.
-        history: The closed windows, oldest first.
-        alarms: Stream positions where the drift alarm fired.
-    """
-
-    window: int | None = None
+    window: int | None = None  # samples per tracker window
     history: list[DriftWindow] = _field(read=_records(DriftWindow), default_factory=list)
-    alarms: list[int] = _field(default_factory=list)
+    alarms: list[int] = _field(default_factory=list)  # stream positions where it fired
 
 
 @dataclass
 class UpdaterStats(JsonRecord):
-    """The head updater's counters (``HeadUpdater.stats()``, which documents each)."""
+    """The head updater's counters (``HeadUpdater.stats()`` documents each)."""
 
-    mode: str | None = None
+    mode: str | None = None  # sync | async
     enabled: bool | None = None
-    observed: int | None = None
-    accepted: int | None = None
-    low_confidence: int | None = None
-    nonfinite_samples: int | None = None
-    dropped: int | None = None
-    published: int | None = None
-    rollbacks: int | None = None
-    degraded_windows: int | None = None
-    healthy_windows: int | None = None
-    resets: int | None = None
-    samples_trained: int | None = None
-    updates: int | None = None
-    steps: int | None = None
-    skipped_losses: int | None = None
-    nonfinite_params: int | None = None
-    buffer_fill: list[int] | None = None
-    buffer_capacity: list[int] | None = None
-    buffer_bytes: int | None = None
-    audited: int | None = None
-    baseline_disagreement: float | None = None
-    last_window_disagreement: float | None = None
-    error: str | None = None
+    observed: int | None = None  # valid samples seen
+    accepted: int | None = None  # samples that taught
+    low_confidence: int | None = None  # not taught: below min_confidence
+    nonfinite_samples: int | None = None  # not taught: non-finite logits or confidence
+    dropped: int | None = None  # lost to a full queue (async)
+    published: int | None = None  # head versions published to the engine
+    rollbacks: int | None = None  # degraded audit windows that rolled the heads back
+    degraded_windows: int | None = None  # audit windows above baseline + audit_margin
+    healthy_windows: int | None = None  # ... and within it
+    resets: int | None = None  # returns to the base heads (drift alarm)
+    samples_trained: int | None = None  # samples in the training batches
+    updates: int | None = None  # training rounds
+    steps: int | None = None  # optimizer steps
+    skipped_losses: int | None = None  # non-finite losses or gradients
+    nonfinite_params: int | None = None  # steps undone for non-finite weights
+    buffer_fill: list[int] | None = None  # per early exit
+    buffer_capacity: list[int] | None = None  # per early exit
+    buffer_bytes: int | None = None  # memory of all buffers
+    audited: int | None = None  # early answers compared with the final exit's
+    baseline_disagreement: float | None = None  # early vs final exit, audit baseline
+    last_window_disagreement: float | None = None  # ... in the last window
+    error: str | None = None  # the updater's error, if it failed
 
 
 @dataclass
