@@ -19,9 +19,12 @@ In both, the gate FCs and the shortcut (downsample) always run.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -259,11 +262,63 @@ def flops_per_sample(model: nn.Module, gates: Sequence[GateDecision], exit_index
     return table.gather(1, exit_index.long().view(-1, 1)).squeeze(1)
 
 
-def format_flops(flops: float) -> str:
-    """Human-readable FLOPs, e.g. ``12.3 MFLOPs``."""
-    if not math.isfinite(flops):
+# ------------------------------------------------------------------------- printing FLOPs
+FLOPS_CONVENTION = "FLOPs (a multiply-add counts 2)"
+
+
+@dataclass(frozen=True)
+class FlopsUnit:
+    """A unit to print FLOPs in: ``name`` is ``scale`` FLOPs (``MFLOPs`` is ``1e6``)."""
+
+    name: str
+    scale: float
+
+    def convert(self, values: Any) -> np.ndarray:
+        """``values`` (a number or an array of numbers) in this unit, as float64."""
+        return np.asarray(values, dtype=np.float64) / self.scale
+
+    def format(self, value: Any, digits: int = 2) -> str:
+        """The number alone in this unit (``12.30``), or ``n/a`` if not a finite number."""
+        return f"{value / self.scale:.{digits}f}" if _finite_number(value) else "n/a"
+
+
+FLOPS_UNITS = (FlopsUnit("GFLOPs", 1e9), FlopsUnit("MFLOPs", 1e6), FlopsUnit("kFLOPs", 1e3),
+               FlopsUnit("FLOPs", 1.0))
+
+
+def flops_unit(values: Iterable[Any]) -> FlopsUnit:
+    """One unit for a set of FLOPs figures, so a table or plot prints them all alike.
+
+    Args:
+        values: FLOPs figures; ``None`` and non-finite ones are ignored.
+
+    Returns:
+        The largest unit of :data:`FLOPS_UNITS` in which the largest magnitude is at least 1
+        (plain ``FLOPs`` when there is no finite figure).
+
+    Example:
+        >>> flops_unit([2.4e6, 37.2e6]).name
+        'MFLOPs'
+    """
+    largest = max((abs(v) for v in values if _finite_number(v)), default=0.0)
+    return next(unit for unit in FLOPS_UNITS if largest >= unit.scale or unit.scale == 1.0)
+
+
+def format_flops(flops: Any, unit: FlopsUnit | None = None) -> str:
+    """Human-readable FLOPs with the unit's name, e.g. ``12.30 MFLOPs``.
+
+    Args:
+        flops: A FLOPs figure (``None`` or non-finite prints ``n/a``).
+        unit: The unit to print in; default :func:`flops_unit` of this one figure.
+
+    Returns:
+        ``"<number> <unit>"`` with two decimals, or ``"n/a"``.
+    """
+    if not _finite_number(flops):
         return "n/a"
-    for unit, scale in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("KFLOPs", 1e3)):
-        if abs(flops) >= scale:
-            return f"{flops / scale:.2f} {unit}"
-    return f"{flops:.0f} FLOPs"
+    unit = unit or flops_unit([flops])
+    return f"{unit.format(flops)} {unit.name}"
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

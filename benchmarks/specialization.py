@@ -383,7 +383,7 @@ def run_main(job: Job) -> dict[str, Any]:
     from specialize.run import run_experiment
 
     summary, out_dir = run_experiment(main_config(job))
-    return main_record(summary, out_dir)
+    return main_record(summary.to_json_dict(), out_dir)
 
 
 def main_record(summary: dict[str, Any], out_dir: Path | str) -> dict[str, Any]:

@@ -160,6 +160,7 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     import json
 
     from backbones.checkpoint import load_checkpoint
+    from backbones.cost import flops_unit
     from specialize import curves
     from specialize.evaluation import exit_pass
     from specialize.zoo import default_checkpoint
@@ -183,11 +184,13 @@ def _cmd_curves(args: argparse.Namespace) -> int:
                           "exit_accuracy": exit_accuracy}))
         return 0
     print("exit accuracy (%): " + ", ".join(f"{a:.2f}" for a in exit_accuracy))
-    print(f"{'threshold':>10} {'accuracy %':>11} {'MFLOPs':>9}   (FLOPs: a multiply-add counts 2)")
-    for point in grid.to_list():
+    points = grid.to_list()
+    unit = flops_unit([*(point["flops"] for point in points), oracle[1]])
+    print(f"{'threshold':>10} {'accuracy %':>11} {unit.name:>9}   (FLOPs: a multiply-add counts 2)")
+    for point in points:
         threshold = "none" if point["threshold"] is None else f"{point['threshold']:.2f}"
-        print(f"{threshold:>10} {point['accuracy']:>11.2f} {point['flops'] / 1e6:>9.2f}")
-    print(f"{'oracle':>10} {oracle[0]:>11.2f} {oracle[1] / 1e6:>9.2f}")
+        print(f"{threshold:>10} {point['accuracy']:>11.2f} {unit.format(point['flops']):>9}")
+    print(f"{'oracle':>10} {oracle[0]:>11.2f} {unit.format(oracle[1]):>9}")
     return 0
 
 

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
-import timm
 import torch
 import yaml
 
-import specialize
 from backbones.checkpoint import load_checkpoint
 from configkit import (
     ConfigError,
@@ -35,27 +32,22 @@ from configkit import (
     load_yaml,
     to_dict,
 )
-from specialize import curves
 from specialize.anchoring import heads_state, unanchor_heads
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, make_step_fn
-from specialize.evaluation import (
-    ExitPass,
-    curve_points,
-    exit_pass,
-    operating_point,
-    oracle_points,
-    per_class_at,
-)
+from specialize.evaluation import ExitPass, exit_pass
 from specialize.policy import ExitPolicy
 from specialize.report import format_headline, write_report
 from specialize.specializer import Specializer
+from specialize.summarize import Replay, RunRecords, build_summary, stream_record
+from specialize.summary import EvalSplits, RunSummary, UpdaterStats
 from specialize.updater import HeadUpdater, UpdaterConfig
 from specialize.zoo import DEFAULT_CONFIG, default_checkpoint
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+T = TypeVar("T")
 
 
 @dataclass
@@ -209,11 +201,11 @@ def load_model(config: ModelConfig, *, progress: bool = True) -> tuple[torch.nn.
     return model.eval(), str(path)
 
 
-def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
+def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
     """Run the experiment a config describes and write its report.
 
     Returns:
-        ``(summary, run_folder)``.
+        ``(summary, run_folder)``; ``summary.to_json_dict()`` is the run's summary.json.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -233,13 +225,15 @@ def run_experiment(config: RunConfig) -> tuple[dict[str, Any], Path]:
                      lambda: _replay(model, stream, config, specialize_heads=True))
     after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
-    summary = _summary(config, model, checkpoint, stream, policy, thresholds, before, after,
-                       frozen, special, timings)
+    records = RunRecords(checkpoint=checkpoint, measure=policy.measure, thresholds=thresholds,
+                         before=before, after=after, specializing=special, frozen=frozen,
+                         timings=timings)
+    summary = build_summary(config, model, stream, records)
     model.heads.load_state_dict(base_heads)
     out_dir = _out_dir(config, stream)
     write_report(summary, out_dir)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    torch.save(special["heads"], out_dir / "specialized_heads.pt")
+    torch.save(special.heads, out_dir / "specialized_heads.pt")
     return summary, out_dir
 
 
@@ -290,29 +284,25 @@ def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
         specializer.close()
 
 
-def _timed(timings: dict[str, float], name: str, fn):
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     start = time.perf_counter()
     result = fn()
     timings[name] = time.perf_counter() - start
     return result
 
 
-def _eval_sets(model, stream: Stream, config: RunConfig, phase: str) -> dict[str, ExitPass]:
+def _eval_sets(model, stream: Stream, config: RunConfig, phase: str) -> EvalSplits[ExitPass]:
     passes = {}
     for split, data in (("in", stream.eval_in), ("out", stream.eval_out)):
-        if data is None:
-            passes[split] = None
-            continue
-        passes[split] = exit_pass(
+        passes[split] = None if data is None else exit_pass(
             model, data.images, data.labels, stream.transform, measure=config.policy.measure,
             batch_size=config.evaluation.batch_size, progress=config.progress,
             desc=f"eval_{split} ({phase})",
         )
-    return passes
+    return EvalSplits(passes["in"], passes["out"])
 
 
-def _replay(model, stream: Stream, config: RunConfig, *,
-            specialize_heads: bool) -> dict[str, Any]:
+def _replay(model, stream: Stream, config: RunConfig, *, specialize_heads: bool) -> Replay:
     heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
     updater = HeadUpdater(model, config.updater) if specialize_heads else None
     tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window)
@@ -320,29 +310,21 @@ def _replay(model, stream: Stream, config: RunConfig, *,
     result = serve_stream(specializer, stream, config,
                           "specializing" if specialize_heads else "frozen")
     tracker.close_window()
-    labels = stream.evaluator().labels
-    valid = result.valid
-    correct = result.pred[valid] == labels[valid]
-    record = {
-        "accuracy": 100.0 * float(correct.double().mean()) if valid.any() else float("nan"),
-        "mean_flops": float(result.flops[valid].double().mean()) if valid.any() else float("nan"),
-        "exit_histogram": result.exit_histogram(model.num_exits),
-        "samples_per_second": len(result.pred) / max(result.seconds, 1e-9),
-        "skipped": result.skipped,
-        "tracker": tracker,
-        "heads": heads_state(model),
-        "exit_flops": [int(info["flops"]) for info in model.exit_info],
-        "alarms": specializer.alarm_hook.alarms if specializer.alarm_hook else [],
-    }
-    if updater is not None:
-        record["updater"] = updater.stats()
-    else:
+    stats = None if updater is None else UpdaterStats(**updater.stats())
+    replay = Replay(
+        record=stream_record(result, stream.evaluator().labels, model.num_exits, stats),
+        tracker=tracker, heads=heads_state(model),
+        exit_flops=[int(info["flops"]) for info in model.exit_info],
+        alarms=specializer.alarm_hook.alarms if specializer.alarm_hook else [],
+        updater=stats,
+    )
+    if updater is None:
         model.heads.load_state_dict(heads_before)
-    return record
+    return replay
 
 
 @contextlib.contextmanager
-def _threads(count: int | None):
+def _threads(count: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -350,113 +332,6 @@ def _threads(count: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _curve_section(passes: dict[str, ExitPass | None], fn) -> dict[str, Any]:
-    return {split: (fn(p) if p is not None else None) for split, p in passes.items()}
-
-
-def _summary(config, model, checkpoint, stream, policy, thresholds, before, after, frozen,
-             special, timings) -> dict[str, Any]:
-    iso = _iso_accuracy(before["in"], after["in"], config.evaluation.iso_drop)
-    ops = {phase: _curve_section(passes, lambda p: operating_point(p, thresholds))
-           for phase, passes in (("before", before), ("after", after))}
-    out_change = None
-    if ops["before"]["out"] is not None:
-        out_change = ops["after"]["out"]["accuracy"] - ops["before"]["out"]["accuracy"]
-    stream_section = {"specializing": _stream_record(special)}
-    if frozen is not None:
-        stream_section["frozen"] = _stream_record(frozen)
-    return {
-        "scenario": {**stream.config.to_dict(), "name": stream.name,
-                     "classes": list(stream.classes), "length": len(stream),
-                     "fingerprint": stream.fingerprint,
-                     "phase_boundaries": list(stream.phase_boundaries)},
-        "model": {"name": model.name, "num_exits": model.num_exits,
-                  "exit_flops": [int(i["flops"]) for i in model.exit_info],
-                  "exit_flops_specialized": special["exit_flops"],
-                  "gating": bool(model.gating), "gate_mode": model.gate_mode,
-                  "checkpoint": checkpoint, "flops_unit": "FLOPs (a multiply-add counts 2)"},
-        "class_names": list(stream.class_names),
-        "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds.tolist()],
-        "measure": policy.measure,
-        "curves": {phase: _curve_section(passes, curve_points)
-                   for phase, passes in (("before", before), ("after", after))},
-        "operating_points": ops,
-        "oracle": _curve_section(before, oracle_points),
-        "iso_accuracy": iso,
-        "eval_out_accuracy_change": out_change,
-        "eval_in_peak_accuracy": {
-            "before": _peak(before["in"]), "after": _peak(after["in"])},
-        "per_class": _per_class(stream, before, after, thresholds, special["tracker"]),
-        "stream": stream_section,
-        "drift": {"window": config.drift.window, "history": special["tracker"].history(),
-                  "alarms": special["alarms"]},
-        "updater": special.get("updater"),
-        "timings": timings,
-        "versions": {"specialize": specialize.__version__, "torch": torch.__version__,
-                     "timm": timm.__version__, "python": platform.python_version()},
-    }
-
-
-def _iso_accuracy(before: ExitPass | None, after: ExitPass | None, drop: float) -> dict:
-    if before is None or after is None:
-        return {}
-    curve = {}
-    for name, p in (("before", before), ("after", after)):
-        curve[name] = curves.pareto_front(curves.sweep(
-            p.confidence.numpy(), p.correct.numpy(), p.flops.numpy()))
-    oracle = curves.oracle_curve(before.correct.numpy(), before.flops.numpy())
-    return curves.iso_accuracy(curve["before"], curve["after"], oracle, drop=drop)
-
-
-def _peak(result: ExitPass | None) -> float | None:
-    if result is None:
-        return None
-    sweep = curves.sweep(result.confidence.numpy(), result.correct.numpy(), result.flops.numpy())
-    return float(sweep.accuracy.max())
-
-
-def _stream_record(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", "mean_flops", "exit_histogram", "samples_per_second", "skipped")
-    out = {key: record[key] for key in keys}
-    if "updater" in record:
-        out["updates"] = record["updater"].get("updates")
-    return out
-
-
-def _per_class(stream, before, after, thresholds, tracker) -> list[dict[str, Any]]:
-    num_classes = stream.num_classes
-    tables = {}
-    for phase, passes in (("before", before), ("after", after)):
-        parts = [p for p in (passes["in"], passes["out"]) if p is not None]
-        merged = ExitPass(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                            ("confidence", "pred", "flops", "labels")))
-        tables[phase] = per_class_at(merged, thresholds, num_classes)
-    history = tracker.history()
-    first, last = (history[0], history[-1]) if history else ({}, {})
-    rows = []
-    for c in range(num_classes):
-        rows.append({
-            "class": c, "name": stream.class_names[c], "in_stream": c in stream.classes,
-            "flops_before": _num(tables["before"]["flops"][c]),
-            "flops_after": _num(tables["after"]["flops"][c]),
-            "accuracy_before": _num(tables["before"]["accuracy"][c]),
-            "accuracy_after": _num(tables["after"]["accuracy"][c]),
-            "stream_flops_first_window": _window_flops(first, c),
-            "stream_flops_last_window": _window_flops(last, c),
-        })
-    return rows
-
-
-def _window_flops(entry: dict[str, Any], c: int) -> float | None:
-    value = entry.get("mean_flops", {}).get(c, entry.get("mean_flops", {}).get(str(c)))
-    return _num(value) if value is not None else None
-
-
-def _num(value: Any) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
 
 
 def _out_dir(config: RunConfig, stream: Stream) -> Path:
@@ -469,6 +344,6 @@ def _out_dir(config: RunConfig, stream: Stream) -> Path:
     return path
 
 
-def headline(summary: dict[str, Any], out_dir: Path) -> str:
+def headline(summary: RunSummary, out_dir: Path) -> str:
     """The lines printed at the end of a run."""
     return format_headline(summary, report_dir=out_dir)

@@ -288,3 +288,15 @@ def test_to_jsonable_converts_numpy_torch_paths_and_non_finite():
 def test_render_markdown_says_flops_not_macs():
     text = render_markdown(example_summary())
     assert "multiply-add as 2" in text and "MACs" not in text
+
+
+def test_one_flops_formatter_for_report_and_backbones():
+    from backbones.cost import flops_unit, format_flops
+
+    assert flops_unit(EXIT_FLOPS).name == "MFLOPs"
+    assert flops_unit([None, float("nan"), 3e9]).name == "GFLOPs"
+    assert flops_unit([]).name == "FLOPs" and flops_unit([512]).name == "FLOPs"
+    assert format_flops(12_345_678) == "12.35 MFLOPs" and format_flops(2_500) == "2.50 kFLOPs"
+    assert format_flops(None) == format_flops(float("inf")) == "n/a"
+    unit = flops_unit(EXIT_FLOPS)
+    assert format_flops(2_500, unit) == "0.00 MFLOPs" and unit.format(19_345_678.0) == "19.35"

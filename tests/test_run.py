@@ -9,6 +9,8 @@ import torch
 from backbones import create_backbone
 from backbones.checkpoint import save_checkpoint
 from specialize.cli import main
+from specialize.report import write_report
+from specialize.summary import RunSummary, to_jsonable
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -76,3 +78,18 @@ def test_specialized_heads_load_into_a_fresh_model(run_folder):
     assert summary["updater"]["updates"] > 0
     changed = {k for k, v in saved["heads"].items() if not torch.equal(v, original[k])}
     assert changed and not any(k.startswith(f"{model.num_exits - 1}.") for k in changed)
+
+
+def test_summary_json_round_trips_through_the_types(run_folder):
+    text = (run_folder / "summary.json").read_text()
+    summary = RunSummary.from_json_dict(json.loads(text))
+    assert summary.scenario.classes == [5, 7, 9] and summary.stream.frozen is not None
+    assert summary.updater.updates == summary.stream.specializing.updates > 0
+    assert json.dumps(to_jsonable(summary), indent=2) + "\n" == text  # keys, order, values
+
+
+def test_report_renders_from_the_summary_json_read_back(run_folder, tmp_path):
+    loaded = json.loads((run_folder / "summary.json").read_text())
+    paths = write_report(loaded, tmp_path)
+    for name, path in paths.items():
+        assert path.read_bytes() == (run_folder / path.name).read_bytes(), name

@@ -1,0 +1,490 @@
+"""The run summary as types: what ``specialize run`` measured, and its ``summary.json``.
+
+Each section of ``summary.json`` (the README's "summary.json" table) is a dataclass here.
+:meth:`RunSummary.to_json_dict` gives the JSON object, keys in field order (which is the
+file's order); :meth:`RunSummary.from_json_dict` reads one back, so a report can be rendered
+from a ``summary.json`` on disk. Reading is lenient: a missing or empty section is ``None``
+(a missing list is empty), a missing field keeps its default, unknown keys are ignored.
+
+Values are plain Python; NaN may stand for "undefined" in memory and is written as ``null``
+(:func:`to_jsonable`). FLOPs: a multiply-add counts 2, as ``backbones.cost`` counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, Self, TypeVar
+
+import numpy as np
+
+from backbones.cost import FLOPS_CONVENTION
+
+__all__ = [
+    "BeforeAfter",
+    "ClassRow",
+    "CurvePoint",
+    "DriftSummary",
+    "DriftWindow",
+    "EvalSplits",
+    "IsoAccuracy",
+    "JsonRecord",
+    "ModelSummary",
+    "OperatingPoint",
+    "RunSummary",
+    "ScenarioSummary",
+    "StreamRecord",
+    "StreamSection",
+    "UpdaterStats",
+    "Versions",
+    "as_run_summary",
+    "to_jsonable",
+]
+
+T = TypeVar("T")
+Split = Literal["eval_in", "eval_out"]
+Reader = Callable[[Any], Any]
+
+
+# ------------------------------------------------------------------------- JSON records
+def _field(*, key: str | None = None, read: Reader | None = None, omit_if_none: bool = False,
+           default: Any = None, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its JSON handling in ``metadata``.
+
+    Args:
+        key: The JSON key, when it differs from the field's name (``class``, ``in``).
+        read: Turns the JSON value into the field's type (not called on ``null``).
+        omit_if_none: Leave the key out of the JSON object when the value is ``None``.
+        default: Default value.
+        default_factory: Default factory (for lists and dicts).
+    """
+    metadata = {"key": key, "read": read, "omit_if_none": omit_if_none}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _key(item: dataclasses.Field) -> str:
+    return item.metadata.get("key") or item.name
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, JsonRecord):
+        return value.to_json_dict()
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+class JsonRecord:
+    """Base of the summary's dataclasses: one JSON object, one key per field, in order."""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON object (plain Python values; NaN stays NaN, see :func:`to_jsonable`)."""
+        out = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if value is None and item.metadata.get("omit_if_none"):
+                continue
+            out[_key(item)] = _to_json(value)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any] | None) -> Self:
+        """Read a JSON object: matching keys only.
+
+        A missing key, or ``null`` for a list or dict field, keeps the field's default.
+        """
+        data = data or {}
+        values = {}
+        for item in dataclasses.fields(cls):
+            value = data.get(_key(item))
+            if value is not None:
+                read = item.metadata.get("read")
+                values[item.name] = value if read is None else read(value)
+            elif _key(item) in data and item.default_factory is dataclasses.MISSING:
+                values[item.name] = None
+        return cls(**values)
+
+
+def _record(cls: type[JsonRecord]) -> Reader:
+    """Reader of one section: an empty or missing JSON object reads as ``None``."""
+    return lambda data: cls.from_json_dict(data) if data else None
+
+
+def _records(cls: type[JsonRecord]) -> Reader:
+    """Reader of a list of JSON objects."""
+    return lambda items: [cls.from_json_dict(item) for item in items]
+
+
+def _class_keyed(mapping: Mapping[Any, Any]) -> dict[int, Any]:
+    """``{class_id: value}`` with int keys (JSON turns them into strings)."""
+    return {int(key): value for key, value in mapping.items()}
+
+
+# ------------------------------------------------------------------ before/after, in/out
+@dataclass
+class BeforeAfter(JsonRecord, Generic[T]):
+    """One value before specialization and one after."""
+
+    before: T | None = None
+    after: T | None = None
+
+    @classmethod
+    def read(cls, data: Mapping[str, Any] | None, read_value: Reader) -> BeforeAfter | None:
+        """Read ``{"before": ..., "after": ...}`` with ``read_value`` (``None`` if empty)."""
+        if not data:
+            return None
+        return cls(*(_maybe(read_value, data.get(phase)) for phase in ("before", "after")))
+
+    def items(self) -> tuple[tuple[str, T | None], tuple[str, T | None]]:
+        """``(("before", before), ("after", after))``."""
+        return ("before", self.before), ("after", self.after)
+
+
+@dataclass
+class EvalSplits(JsonRecord, Generic[T]):
+    """One value per held-out set.
+
+    Attributes:
+        eval_in: On held-out samples of the stream's classes (JSON key ``in``).
+        eval_out: On the other classes (JSON key ``out``); ``None`` when the stream holds
+            every class.
+    """
+
+    eval_in: T | None = _field(key="in")
+    eval_out: T | None = _field(key="out")
+
+    @classmethod
+    def read(cls, data: Mapping[str, Any] | None, read_value: Reader) -> EvalSplits | None:
+        """Read ``{"in": ..., "out": ...}`` with ``read_value`` (``None`` if empty)."""
+        if not data:
+            return None
+        return cls(*(_maybe(read_value, data.get(split)) for split in ("in", "out")))
+
+    def at(self, split: Split) -> T | None:
+        """The value of one held-out set."""
+        return self.eval_in if split == "eval_in" else self.eval_out
+
+    def map(self, fn: Callable[[T], Any]) -> EvalSplits:
+        """``fn`` applied to each set's value (``None`` stays ``None``)."""
+        return EvalSplits(_maybe(fn, self.eval_in), _maybe(fn, self.eval_out))
+
+
+def _maybe(fn: Callable[[Any], Any], value: Any) -> Any:
+    return None if value is None else fn(value)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _before_after(read_value: Reader) -> Reader:
+    return lambda data: BeforeAfter.read(data, read_value)
+
+
+def _eval_splits(read_value: Reader) -> Reader:
+    return lambda data: EvalSplits.read(data, read_value)
+
+
+# ------------------------------------------------------------------------------ sections
+@dataclass
+class ScenarioSummary(JsonRecord):
+    """The resolved scenario and the exact stream it built.
+
+    ``settings`` holds the scenario's config fields (``ScenarioConfig.to_dict()``) in their
+    order; a key also held by a typed field below is overridden in place by that field.
+    """
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # the stream's name
+    classes: list[int] | None = None  # the stream's classes
+    length: int | None = None  # samples in the stream
+    fingerprint: str | None = None  # hash of the exact sample sequence
+    phase_boundaries: list[int] | None = None  # start position of each phase
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """``settings`` with the typed fields put in (left out when ``None`` and unset)."""
+        out = dict(self.settings)
+        for item in dataclasses.fields(self)[1:]:
+            value = getattr(self, item.name)
+            if value is not None:
+                out[item.name] = value
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any] | None) -> ScenarioSummary:
+        """Every key goes to ``settings``; the typed fields read theirs from it too."""
+        data = dict(data or {})
+        return cls(data, **{item.name: data.get(item.name)
+                            for item in dataclasses.fields(cls)[1:]})
+
+
+@dataclass
+class ModelSummary(JsonRecord):
+    """The specialized model; FLOPs per exit are for the full path to it, gates open."""
+
+    name: str | None = None  # backbone name
+    num_exits: int | None = None
+    exit_flops: list[int] = _field(default_factory=list)
+    # the same with the served heads (anchored heads add a linear layer)
+    exit_flops_specialized: list[int] = _field(default_factory=list)
+    gating: bool | None = None  # whether the backbone has gates
+    gate_mode: str | None = None  # parallel | sequential
+    checkpoint: str | None = None
+    flops_unit: str = FLOPS_CONVENTION  # what the FLOPs figures count
+    # accuracy (%) of each exit, when known (runs do not record it; the report shows n/a)
+    exit_accuracy: list[float] | None = _field(omit_if_none=True)
+
+
+@dataclass
+class CurvePoint(JsonRecord):
+    """One point of a cost/accuracy curve."""
+
+    # the shared threshold (a list for per-exit schedules; None where not finite, e.g. on
+    # the oracle curve)
+    threshold: float | list[float | None] | None = None
+    accuracy: float | None = None  # percent
+    flops: float | None = None  # mean per sample
+
+
+Curve = list[CurvePoint]
+
+
+def _curve(points: list[Mapping[str, Any]]) -> Curve:
+    return [CurvePoint.from_json_dict(point) for point in points]
+
+
+@dataclass
+class OperatingPoint(JsonRecord):
+    """Accuracy (%) and mean FLOPs per sample at the run's thresholds."""
+
+    accuracy: float | None = None
+    flops: float | None = None
+
+
+@dataclass
+class IsoAccuracy(JsonRecord):
+    """Compute at equal accuracy on eval_in (``specialize.curves.iso_accuracy``)."""
+
+    target_accuracy: float | None = None  # the before curve's peak minus evaluation.iso_drop
+    flops_before: float | None = None  # mean FLOPs at the target before specializing
+    flops_after: float | None = None  # ... and after
+    flops_ratio: float | None = None  # after / before (below 1 is a saving)
+    flops_oracle: float | None = None  # the oracle exit choice's mean FLOPs at the target
+    gap_closed: float | None = None  # (before - after) / (before - oracle)
+
+
+@dataclass
+class ClassRow(JsonRecord):
+    """One class: held-out figures at the run's thresholds, and stream windows' FLOPs."""
+
+    class_id: int | None = _field(key="class")
+    name: str | None = None
+    in_stream: bool = False  # whether the stream holds the class
+    flops_before: float | None = None  # mean FLOPs on its held-out samples, before
+    flops_after: float | None = None  # ... after specializing
+    accuracy_before: float | None = None  # accuracy (%) on its held-out samples, before
+    accuracy_after: float | None = None  # ... after specializing
+    # mean FLOPs of the samples predicted as the class in the specializing stream's first
+    # and last tracker windows
+    stream_flops_first_window: float | None = None
+    stream_flops_last_window: float | None = None
+
+
+@dataclass
+class StreamRecord(JsonRecord):
+    """One replay of the stream."""
+
+    accuracy: float | None = None  # online accuracy (%)
+    mean_flops: float | None = None  # per sample
+    exit_histogram: list[int] | None = None  # samples answered at each exit
+    samples_per_second: float | None = None  # throughput (wall clock)
+    skipped: int | None = None  # inputs skipped as invalid
+    updates: int | None = _field(omit_if_none=True)  # head updates (specializing only)
+
+
+@dataclass
+class StreamSection(JsonRecord):
+    """The stream replayed while specializing and, unless disabled, frozen."""
+
+    specializing: StreamRecord | None = _field(read=_record(StreamRecord))
+    frozen: StreamRecord | None = _field(read=_record(StreamRecord), omit_if_none=True)
+
+
+@dataclass
+class DriftWindow(JsonRecord):
+    """One closed window of the per-class cost tracker (``ClassCostTracker.history()``)."""
+
+    start: int | None = None  # first stream position of the window
+    end: int | None = None  # stream position after it
+    mean_flops: dict[int, float] = _field(read=_class_keyed, default_factory=dict)  # by pred
+    counts: dict[int, int] = _field(read=_class_keyed, default_factory=dict)  # by pred
+    exit_histogram: list[int] | None = None  # samples per exit
+    mean_flops_all: float | None = None  # over all samples of the window
+    # by true class, in windows with labelled samples only
+    mean_flops_true: dict[int, float] | None = _field(read=_class_keyed, omit_if_none=True)
+    counts_true: dict[int, int] | None = _field(read=_class_keyed, omit_if_none=True)
+
+
+@dataclass
+class DriftSummary(JsonRecord):
+    """Per-class compute over the specializing stream, and the drift alarms."""
+
+    window: int | None = None  # samples per tracker window
+    history: list[DriftWindow] = _field(read=_records(DriftWindow), default_factory=list)
+    alarms: list[int] = _field(default_factory=list)  # stream positions where it fired
+
+
+@dataclass
+class UpdaterStats(JsonRecord):
+    """The head updater's counters (``HeadUpdater.stats()`` documents each)."""
+
+    mode: str | None = None  # sync | async
+    enabled: bool | None = None
+    observed: int | None = None  # valid samples seen
+    accepted: int | None = None  # samples that taught
+    low_confidence: int | None = None  # not taught: below min_confidence
+    nonfinite_samples: int | None = None  # not taught: non-finite logits or confidence
+    dropped: int | None = None  # lost to a full queue (async)
+    published: int | None = None  # head versions published to the engine
+    rollbacks: int | None = None  # degraded audit windows that rolled the heads back
+    degraded_windows: int | None = None  # audit windows above baseline + audit_margin
+    healthy_windows: int | None = None  # ... and within it
+    resets: int | None = None  # returns to the base heads (drift alarm)
+    samples_trained: int | None = None  # samples in the training batches
+    updates: int | None = None  # training rounds
+    steps: int | None = None  # optimizer steps
+    skipped_losses: int | None = None  # non-finite losses or gradients
+    nonfinite_params: int | None = None  # steps undone for non-finite weights
+    buffer_fill: list[int] | None = None  # per early exit
+    buffer_capacity: list[int] | None = None  # per early exit
+    buffer_bytes: int | None = None  # memory of all buffers
+    audited: int | None = None  # early answers compared with the final exit's
+    baseline_disagreement: float | None = None  # early vs final exit, audit baseline
+    last_window_disagreement: float | None = None  # ... in the last window
+    error: str | None = None  # the updater's error, if it failed
+
+
+@dataclass
+class Versions(JsonRecord):
+    """Library versions of the run."""
+
+    specialize: str | None = None
+    torch: str | None = None
+    timm: str | None = None
+    python: str | None = None
+
+
+# ----------------------------------------------------------------------------- the summary
+@dataclass
+class RunSummary(JsonRecord):
+    """Everything a run measured: the content of ``summary.json``, in its key order.
+
+    Attributes:
+        scenario: The scenario and its stream.
+        model: The model, its exits' FLOPs and checkpoint.
+        class_names: Names of the data set's classes.
+        thresholds: Per-exit thresholds (the last is ``None``: the final exit answers).
+        measure: The confidence measure.
+        curves: Pareto fronts of the shared-threshold sweep, before/after x eval_in/eval_out.
+        operating_points: Accuracy and FLOPs at the run's thresholds, the same way.
+        oracle: The oracle curve with the base heads, per held-out set.
+        iso_accuracy: Compute at equal accuracy on eval_in (``None``: not computed; written
+            as ``{}``).
+        eval_out_accuracy_change: Accuracy change (points) on eval_out at the thresholds.
+        eval_in_peak_accuracy: Peak accuracy of the before and after curves on eval_in.
+        per_class: One row per class.
+        stream: The stream replays.
+        drift: The tracker's windows and the drift alarms.
+        updater: The head updater's counters.
+        timings: Seconds per step of the run.
+        versions: Library versions.
+    """
+
+    scenario: ScenarioSummary | None = _field(read=_record(ScenarioSummary))
+    model: ModelSummary | None = _field(read=_record(ModelSummary))
+    class_names: list[str] = _field(default_factory=list)
+    thresholds: list[float | None] = _field(default_factory=list)
+    measure: str | None = None
+    curves: BeforeAfter[EvalSplits[Curve]] | None = _field(
+        read=_before_after(_eval_splits(_curve)))
+    operating_points: BeforeAfter[EvalSplits[OperatingPoint]] | None = _field(
+        read=_before_after(_eval_splits(_record(OperatingPoint))))
+    oracle: EvalSplits[Curve] | None = _field(read=_eval_splits(_curve))
+    iso_accuracy: IsoAccuracy | None = _field(read=_record(IsoAccuracy))
+    eval_out_accuracy_change: float | None = None
+    eval_in_peak_accuracy: BeforeAfter[float] | None = _field(read=_before_after(_as_is))
+    per_class: list[ClassRow] = _field(read=_records(ClassRow), default_factory=list)
+    stream: StreamSection | None = _field(read=_record(StreamSection))
+    drift: DriftSummary | None = _field(read=_record(DriftSummary))
+    updater: UpdaterStats | None = _field(read=_record(UpdaterStats))
+    timings: dict[str, float] = _field(default_factory=dict)
+    versions: Versions | None = _field(read=_record(Versions))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The ``summary.json`` object (``iso_accuracy`` not computed is ``{}``)."""
+        out = super().to_json_dict()
+        if self.iso_accuracy is None:
+            out["iso_accuracy"] = {}
+        return out
+
+
+def as_run_summary(summary: RunSummary | Mapping[str, Any]) -> RunSummary:
+    """A :class:`RunSummary` as is, or one read from a mapping (e.g. a loaded summary.json).
+
+    Raises:
+        TypeError: ``summary`` is neither.
+    """
+    if isinstance(summary, RunSummary):
+        return summary
+    if isinstance(summary, Mapping):
+        return RunSummary.from_json_dict(to_jsonable(summary))
+    raise TypeError(f"summary must be a RunSummary or a mapping, got {type(summary).__name__}")
+
+
+# ------------------------------------------------------------------------------------ JSON
+def to_jsonable(value: Any, where: str = "summary") -> Any:
+    """Plain JSON data from a summary: NaN/inf -> ``None``, numpy/torch -> Python, Path -> str.
+
+    Args:
+        value: Nested mappings, sequences, numbers, strings, numpy or torch values,
+            summary records (their :meth:`JsonRecord.to_json_dict`), dataclasses or paths.
+        where: Name used in error messages (the path to the value).
+
+    Returns:
+        A structure ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Raises:
+        TypeError: A value has no JSON representation.
+    """
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {_json_key(k, where): to_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "tolist"):
+        return to_jsonable(value.tolist(), where)
+    if isinstance(value, JsonRecord):
+        return to_jsonable(value.to_json_dict(), where)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value), where)
+    raise TypeError(f"{where}: {type(value).__name__} cannot be written to JSON")
+
+
+def _json_key(key: Any, where: str) -> str | int | float | bool | None:
+    if key is None or isinstance(key, (str, int, float, bool)):
+        return key
+    if isinstance(key, np.generic):
+        return key.item()
+    raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} cannot be a JSON key")
