@@ -70,6 +70,10 @@ class MultiExitModel(Protocol):
     gate_mode: str
     """``parallel`` or ``sequential`` LC-Net cost accounting (``parallel`` when ungated)."""
 
+    preprocessing: dict[str, Any] | None
+    """What pretrained weights expect of the input: ``mean`` and ``std`` per channel (pixels
+    in [0, 1]) and the resize ``interpolation``; ``None``: the data set's statistics."""
+
     heads: nn.ModuleList
     """The exit heads, one per exit; head ``k`` maps feature ``k`` to ``(B, num_classes)``."""
 

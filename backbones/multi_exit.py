@@ -43,6 +43,8 @@ class MultiExitNet(nn.Module):
         build_args: The keyword arguments that rebuild this model with ``create_backbone``.
     """
 
+    preprocessing = None  # trained on the data set's own normalisation
+
     def __init__(
         self,
         stem: nn.Module,

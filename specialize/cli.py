@@ -163,14 +163,12 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     from backbones.cost import flops_unit
     from specialize import curves
     from specialize.evaluation import exit_pass
-    from specialize.zoo import default_checkpoint
+    from specialize.zoo import default_checkpoint, input_transform
     from streams.datasets import load_dataset
-    from streams.transforms import InputTransform
 
     model, _ = load_checkpoint(args.checkpoint or default_checkpoint())
     data = load_dataset(args.dataset, split=args.split)
-    transform = InputTransform(data.mean, data.std, in_chans=model.input_size[0],
-                               size=tuple(model.input_size[1:]))
+    transform = input_transform(model, data)
     result = exit_pass(model, data.images, data.labels, transform, measure=args.measure,
                        progress=True)
     arrays = (result.confidence.numpy(), result.correct.numpy(), result.flops.numpy())

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from backbones.checkpoint import load_checkpoint
+from backbones.contract import MultiExitModel
 from configkit import (
     ConfigError,
     apply_overrides,
@@ -42,7 +43,7 @@ from specialize.specializer import Specializer
 from specialize.summarize import Replay, RunRecords, build_summary, stream_record
 from specialize.summary import EvalSplits, RunSummary, UpdaterStats
 from specialize.updater import HeadUpdater, UpdaterConfig
-from specialize.zoo import DEFAULT_CONFIG, default_checkpoint
+from specialize.zoo import DEFAULT_CONFIG, default_checkpoint, model_input_options
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
 
@@ -237,10 +238,9 @@ def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
     return summary, out_dir
 
 
-def build_run_stream(config: RunConfig, model) -> Stream:
-    """The stream of a run config, its inputs shaped for ``model`` (channels and size)."""
-    return build_stream(config.scenario, in_chans=model.input_size[0],
-                        input_size=tuple(model.input_size[1:]))
+def build_run_stream(config: RunConfig, model: MultiExitModel) -> Stream:
+    """The stream of a run config, its inputs shaped and normalised as ``model`` expects."""
+    return build_stream(config.scenario, **model_input_options(model))
 
 
 def build_policy(config: RunConfig) -> ExitPolicy:

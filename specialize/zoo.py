@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from backbones import create_backbone
 from backbones.checkpoint import CheckpointError, read_checkpoint
+from backbones.contract import MultiExitModel
 from backbones.multi_exit import MultiExitNet
 from backbones.train import TrainConfig, TrainResult, config_fingerprint, train
 from configkit import ConfigError, apply_overrides, from_dict, load_yaml
-from streams.datasets import load_dataset
+from streams.datasets import ArrayDataset, load_dataset
 from streams.transforms import InputTransform
 
 CACHE_ENV = "SPECIALIZE_CACHE"
@@ -107,6 +108,29 @@ def build_model(config: TrainConfig, data: Any) -> MultiExitNet:
                            **kwargs)
 
 
+def model_input_options(model: MultiExitModel) -> dict[str, Any]:
+    """How a model wants its inputs: channels, size and (pretrained) normalisation.
+
+    Returns:
+        Keyword arguments of ``streams.replay.build_stream`` (``in_chans``, ``input_size``,
+        ``mean``, ``std``, ``interpolation``); ``mean``/``std`` are ``None`` when the model
+        uses its data set's statistics.
+    """
+    preprocessing = model.preprocessing or {}
+    return {"in_chans": model.input_size[0], "input_size": tuple(model.input_size[1:]),
+            "mean": preprocessing.get("mean"), "std": preprocessing.get("std"),
+            "interpolation": preprocessing.get("interpolation", "bilinear")}
+
+
+def input_transform(model: MultiExitModel, data: ArrayDataset) -> InputTransform:
+    """The transform that turns ``data``'s uint8 images into ``model``'s inputs."""
+    options = model_input_options(model)
+    return InputTransform(data.mean if options["mean"] is None else options["mean"],
+                          data.std if options["std"] is None else options["std"],
+                          in_chans=options["in_chans"], size=options["input_size"],
+                          interpolation=options["interpolation"])
+
+
 def train_from_config(
     config: TrainConfig,
     out: str | Path,
@@ -133,9 +157,7 @@ def train_from_config(
             torch.set_num_threads(max(1, config.num_threads // world))
         train_data, eval_data = load_data(config)
         model = build_model(config, train_data)
-        in_chans, height, width = model.input_size
-        transform = InputTransform(train_data.mean, train_data.std, in_chans=in_chans,
-                                   size=(height, width))
+        transform = input_transform(model, train_data)
         return train(model, train_data, eval_data, config, transform=transform,
                      checkpoint_path=out, resume_from=resume, progress=progress)
 

@@ -18,7 +18,7 @@ reads :meth:`Stream.evaluator`, the only public way to the labels.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +292,9 @@ def build_stream(
     *,
     in_chans: int | None = None,
     input_size: int | tuple[int, int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "bilinear",
 ) -> Stream:
     """Build the stream a scenario describes.
 
@@ -299,6 +302,9 @@ def build_stream(
         config: A :class:`ScenarioConfig` or a mapping for :meth:`ScenarioConfig.from_dict`.
         in_chans: Channels the model expects (``None``: the data set's); see InputTransform.
         input_size: Input size the model expects (``None``: the data set's).
+        mean: Per-channel normalisation mean the model expects (``None``: the data set's).
+        std: Per-channel normalisation std the model expects (``None``: the data set's).
+        interpolation: How images are resized to ``input_size``.
 
     Returns:
         The stream; building it again from the same config gives the same samples.
@@ -329,7 +335,9 @@ def build_stream(
         phase_boundaries=boundaries,
         eval_in=eval_in,
         eval_out=eval_out,
-        transform=InputTransform(data.mean, data.std, in_chans=in_chans, size=input_size),
+        transform=InputTransform(data.mean if mean is None else mean,
+                                 data.std if std is None else std, in_chans=in_chans,
+                                 size=input_size, interpolation=interpolation),
     )
 
 

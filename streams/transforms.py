@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InputTransform"]
+__all__ = ["INTERPOLATIONS", "InputTransform"]
+
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -17,13 +19,15 @@ class InputTransform:
 
     ``images / 255`` is normalised per channel with the data set's ``mean`` and ``std``;
     then the channels are adapted to ``in_chans`` (1 -> 3 repeats the channel, 3 -> 1 takes
-    the mean) and the spatial size to ``size`` (bilinear ``F.interpolate``).
+    the mean) and the spatial size to ``size`` (``F.interpolate`` with ``interpolation``).
 
     Attributes:
         mean: Per-channel mean of the source images, pixel values in [0, 1].
         std: Per-channel standard deviation of the source images.
         in_chans: Channels the model expects; ``None`` keeps the source channels.
         size: ``(height, width)`` (or one int) the model expects; ``None`` keeps the size.
+        interpolation: ``bilinear`` or ``bicubic`` resizing (pretrained weights may expect
+            the one they were trained with).
 
     Example:
         >>> transform = InputTransform((0.286,), (0.353,), in_chans=3, size=32)
@@ -35,6 +39,7 @@ class InputTransform:
     std: tuple[float, ...]
     in_chans: int | None = None
     size: int | tuple[int, int] | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
@@ -47,6 +52,9 @@ class InputTransform:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         object.__setattr__(self, "size", _size_pair(self.size))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"InputTransform: interpolation must be one of "
+                             f"{', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         _check_channel_adaptation(len(mean), self.in_chans)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ class InputTransform:
         x = (images.to(torch.float32) / 255.0 - mean) / std
         x = self._adapt_channels(x)
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False)
         return x
 
     def _adapt_channels(self, x: torch.Tensor) -> torch.Tensor:

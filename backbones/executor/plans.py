@@ -16,6 +16,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
 from backbones.blocks import is_gated
+from backbones.contract import MultiExitModel
 from backbones.cost import BlockCost, gated_block_flops
 from backbones.executor.convs import (
     FoldedConv,
@@ -25,7 +26,7 @@ from backbones.executor.convs import (
     select_channels,
 )
 from backbones.gates import GateDecision
-from backbones.multi_exit import MultiExitNet
+from backbones.timm_exits import IntermediateExitNet
 
 
 class BlockPlan(Protocol):
@@ -38,15 +39,23 @@ class BlockPlan(Protocol):
         """A batch: the output, accounted and executed FLOPs per row (or one number for all)."""
 
 
-def plan_stages(model: MultiExitNet) -> tuple[list[Step], list[list[BlockPlan]]]:
-    """Compile ``model``'s stem and the blocks of every stage, BatchNorm folded.
+def plan_stages(model: MultiExitModel) -> tuple[list[Step], list[list[BlockPlan]]]:
+    """Compile ``model``'s stem and the blocks of every stage.
+
+    A ``MultiExitNet`` is compiled block by block, BatchNorm folded. A staged timm model
+    (``IntermediateExitNet.staged``) runs each stage as it is (:class:`ModulePlan`).
 
     Returns:
         The stem's functional steps, and the block plans of each stage in order.
 
     Raises:
-        NotImplementedError: A layer or block the executor does not implement.
+        NotImplementedError: A layer or block the executor does not implement, or a timm model
+            that does not run stage by stage.
     """
+    if isinstance(model, IntermediateExitNet):
+        stages = [[ModulePlan(unit, cost) for unit, cost in zip(stage, costs)]
+                  for stage, costs in zip(model.stages, model.cost_profile.blocks)]
+        return [model.stem], stages
     stem = compile_sequential(model.stem, "stem")
     stages = [
         [plan_block(block, cost, model.gate_mode) for block, cost in zip(stage, costs)]
@@ -121,6 +130,22 @@ class PlainBlockPlan:
     def run_batch(self, x: Tensor) -> tuple[Tensor, int, int]:
         """A batch: the output and the (fixed) FLOPs of each row."""
         return self.forward(x), self.flops, self.flops
+
+
+class ModulePlan:
+    """An ungated module (a whole timm stage) run as it is; its FLOPs are fixed."""
+
+    def __init__(self, module: nn.Module, cost: BlockCost) -> None:
+        self.module = module
+        self.flops = cost.open
+
+    def run_one(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """One sample: the output and its FLOPs, accounted and executed."""
+        return self.module(x), self.flops, self.flops
+
+    def run_batch(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """A batch: the output and the FLOPs of each row."""
+        return self.module(x), self.flops, self.flops
 
 
 class GatedBlockPlan:

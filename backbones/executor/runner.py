@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from backbones.contract import MultiExitModel
 from backbones.cost import flops_per_sample
 from backbones.executor.convs import run_steps
 from backbones.executor.plans import BlockPlan, GatedBlockPlan, HeadPlan, plan_stages
 from backbones.exit_rule import accepts, confidence, normalize_thresholds, select_exits
-from backbones.multi_exit import MultiExitNet
 
 Thresholds = float | Sequence[float] | Tensor
 
@@ -61,7 +61,7 @@ class _Walk:
 
 
 class DynamicExecutor:
-    """Run a ``MultiExitNet`` skipping what its gates and exits say to skip.
+    """Run a multi-exit model skipping what its gates and exits say to skip.
 
     Args:
         model: The network, in eval mode. Its stem and blocks are folded (BatchNorm into the
@@ -76,7 +76,7 @@ class DynamicExecutor:
         >>> result.pred, result.exit_index, result.flops
     """
 
-    def __init__(self, model: MultiExitNet, *, channels_last: bool = True) -> None:
+    def __init__(self, model: MultiExitModel, *, channels_last: bool = True) -> None:
         if model.training:
             raise ValueError("DynamicExecutor needs the model in eval mode; call model.eval()")
         self.model = model
@@ -265,7 +265,7 @@ class _BatchOutputs:
 
 
 def reference_result(
-    model: MultiExitNet, x: Tensor, thresholds: Thresholds, measure: str = "max_softmax",
+    model: MultiExitModel, x: Tensor, thresholds: Thresholds, measure: str = "max_softmax",
 ) -> ExecutorResult:
     """What the executor must reproduce, from the masked reference forward (all exits).
 
