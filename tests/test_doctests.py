@@ -9,17 +9,22 @@ from types import ModuleType
 
 import pytest
 
+import configkit
 import specialize.drift
+import specialize.updater
 import streams.datasets
 
-# Packages whose every module is run through doctest.
-PACKAGES = (specialize.drift, streams.datasets)
+# Packages whose every module is run through doctest, and single modules.
+PACKAGES = (configkit, specialize.drift, specialize.updater, streams.datasets)
+SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "streams.transforms"]
 # Modules that must hold at least one example (deleting one fails the test, too).
 MUST_HAVE_EXAMPLES = {
     "specialize.drift.base",
     "specialize.drift.class_mix",
     "specialize.drift.page_hinkley",
     "specialize.drift.tracker",
+    "specialize.updater.health",
+    "backbones.pretrained",
     "streams.datasets.base",
     "streams.datasets.registry",
     "streams.datasets.synthetic",
@@ -33,7 +38,7 @@ def _modules(package: ModuleType) -> list[str]:
     ]
 
 
-MODULES = [name for package in PACKAGES for name in _modules(package)]
+MODULES = [name for package in PACKAGES for name in _modules(package)] + SINGLE_MODULES
 
 
 def test_every_module_that_must_have_examples_exists() -> None:
