@@ -115,6 +115,30 @@ class MultiExitModel(Protocol):
         """Parameters of the LC-Net gates (empty when ungated; trained at their own rate)."""
 
 
+def forward_exits_lazily(model: MultiExitModel, x: Tensor,
+                         last_exit: int | None = None) -> ExitOutputs:
+    """``forward_exits`` built on ``iter_exits``: consume exits ``0..last_exit``, then stop.
+
+    Args:
+        model: The model (its ``iter_exits`` computes each exit on demand).
+        x: Input batch ``(B, C, H, W)``.
+        last_exit: The last exit to evaluate (default: the last one).
+
+    Returns:
+        Logits and head inputs of exits ``0..last_exit`` and the gate decisions.
+
+    Raises:
+        ValueError: ``last_exit`` is not an exit index.
+    """
+    last_exit = model.num_exits - 1 if last_exit is None else last_exit
+    if not 0 <= last_exit < model.num_exits:
+        raise ValueError(f"last_exit must be in [0, {model.num_exits - 1}], got {last_exit}")
+    out = ExitOutputs()
+    for _ in zip(range(last_exit + 1), model.iter_exits(x, out)):
+        pass
+    return out
+
+
 def check_multi_exit_model(model: object) -> None:
     """Check that ``model`` keeps the multi-exit contract; raise saying what to fix.
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from backbones.blocks import is_gated
-from backbones.contract import ExitOutputs
+from backbones.contract import ExitOutputs, forward_exits_lazily
 from backbones.cost import GATE_MODES, CostProfile, profile_cost
 from backbones.gates import GateDecision, ReLU1
 from backbones.heads import create_head
@@ -116,13 +116,7 @@ class MultiExitNet(nn.Module):
         Returns:
             Logits and head inputs of exits ``0..last_exit`` and the gate decisions.
         """
-        last_exit = self.num_exits - 1 if last_exit is None else last_exit
-        if not 0 <= last_exit < self.num_exits:
-            raise ValueError(f"last_exit must be in [0, {self.num_exits - 1}], got {last_exit}")
-        out = ExitOutputs()
-        for _ in zip(range(last_exit + 1), self.iter_exits(x, out)):
-            pass
-        return out
+        return forward_exits_lazily(self, x, last_exit)
 
     def iter_exits(self, x: Tensor, out: ExitOutputs | None = None) -> Iterator[ExitOutputs]:
         """Lazy forward: yield after each exit; stop consuming to stop computing.

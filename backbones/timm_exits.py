@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones.contract import ExitOutputs
+from backbones.contract import ExitOutputs, forward_exits_lazily
 from backbones.cost import BlockCost, CostProfile
 from backbones.heads import create_head
 
@@ -186,13 +186,7 @@ class IntermediateExitNet(nn.Module):
 
     def forward_exits(self, x: Tensor, last_exit: int | None = None) -> ExitOutputs:
         """Run the backbone up to the stage of ``last_exit`` and evaluate the heads on the way."""
-        last_exit = self.num_exits - 1 if last_exit is None else last_exit
-        if not 0 <= last_exit < self.num_exits:
-            raise ValueError(f"last_exit must be in [0, {self.num_exits - 1}], got {last_exit}")
-        out = ExitOutputs()
-        for _ in zip(range(last_exit + 1), self.iter_exits(x, out)):
-            pass
-        return out
+        return forward_exits_lazily(self, x, last_exit)
 
     def iter_exits(self, x: Tensor, out: ExitOutputs | None = None) -> Iterator[ExitOutputs]:
         """Lazy forward: yield after each exit; stop consuming to stop computing.

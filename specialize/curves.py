@@ -230,17 +230,10 @@ def grid_sweep(
     flops: ArrayLike,
     grid: ArrayLike | None = None,
 ) -> CurvePoints:
-    """:func:`sweep` over a fixed grid of shared thresholds (for tables).
+    """:func:`sweep` over a fixed grid of thresholds (for tables), in grid order.
 
-    Args:
-        confidence: ``(N, K)`` confidence of every exit.
-        correct: ``(N, K)`` bool, whether each exit is right.
-        flops: ``(N, K)`` cost of answering at each exit.
-        grid: Thresholds, ``(P,)`` shared or ``(P, K)`` per-exit schedules; default
-            ``np.linspace(0, 1, 21)``.
-
-    Returns:
-        One point per grid entry, in grid order.
+    The arrays are :func:`sweep`'s; ``grid`` is ``(P,)`` shared thresholds or ``(P, K)``
+    per-exit schedules, by default ``np.linspace(0, 1, 21)``.
     """
     return sweep(confidence, correct, flops, DEFAULT_GRID if grid is None else grid)
 
