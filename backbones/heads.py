@@ -41,3 +41,26 @@ def create_head(
     else:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
     return nn.Sequential(*layers)
+
+
+# Parameter-free, deterministic layers that may be applied once, before the head trains.
+_PRECOMPUTABLE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d,
+                  nn.Flatten, nn.Identity)
+
+
+def precomputed_prefix(head: nn.Module) -> int:
+    """How many leading layers of ``head`` are parameter-free and may run ahead of training.
+
+    Training (the updater, head fitting on a frozen backbone) applies them once per sample
+    and keeps the small result (e.g. a pooled vector instead of a feature map); the layers
+    after them see exactly what they would have seen. ``0`` when nothing can be split off or
+    the whole head is parameter-free.
+    """
+    if not isinstance(head, nn.Sequential):
+        return 0
+    count = 0
+    for layer in head:
+        if not isinstance(layer, _PRECOMPUTABLE) or any(True for _ in layer.parameters()):
+            break
+        count += 1
+    return count if count < len(head) else 0

@@ -185,9 +185,9 @@ def head_splits(model: nn.Module) -> list[int]:
     """Per early head: how many leading layers are parameter-free (precomputed, not trained)."""
     # A private helper of the updater, imported on purpose: the ceiling must split the heads
     # exactly where the online updater does.
-    from specialize.updater import _precomputed_prefix
+    from backbones.heads import precomputed_prefix
 
-    return [_precomputed_prefix(head) for head in list(model.heads)[:-1]]
+    return [precomputed_prefix(head) for head in list(model.heads)[:-1]]
 
 
 @torch.no_grad()
@@ -356,7 +356,7 @@ def run_scenario(scenario: str, seed: int, samples: Sequence[int], args: argpars
     models = {} if models is None else models
     key = (config.model.checkpoint, config.model.train_config)
     if key not in models:
-        models[key] = load_model(config.model, progress=progress)
+        models[key] = load_model(config.model, dataset=config.dataset, progress=progress)
     model, checkpoint = models[key]
     stream = build_run_stream(config, model)
     if stream.eval_in is None:

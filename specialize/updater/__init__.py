@@ -50,7 +50,6 @@ Modules, in reading order:
 from specialize.updater.buffer import ReplayBuffer
 from specialize.updater.config import STRATEGIES, UpdaterConfig
 from specialize.updater.core import HeadUpdater
-from specialize.updater.heads import precomputed_prefix as _precomputed_prefix  # noqa: F401
 from specialize.updater.model import check_model, collect_params, configure_model
 from specialize.updater.observation import ExitFeatures
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones.contract import MultiExitModel
+from backbones.heads import precomputed_prefix
 from specialize.anchoring import anchor_heads, is_anchored
 from specialize.updater.buffer import build_buffers
 from specialize.updater.config import UpdaterConfig
@@ -26,7 +27,6 @@ from specialize.updater.heads import (
     HeadsState,
     head_tensors,
     load_heads,
-    precomputed_prefix,
     snapshot_heads,
 )
 from specialize.updater.health import HealthMonitor, Verdict
@@ -237,6 +237,7 @@ class HeadUpdater:
     def reset(self) -> None:
         """Return exactly to the heads saved at construction; empty buffers and optimizer.
 
+        The class prior of ``pseudo_label="prior"`` starts afresh too (the stream changed).
         Counters, the sampling generator and the audit baseline carry on.
         """
         self.flush()
@@ -245,6 +246,8 @@ class HeadUpdater:
             self._sync_epoch()
         self._last_good = self._base
         self._health.reset()
+        if self._preparer.prior is not None:
+            self._preparer.prior.reset()
         self._counters["resets"] += 1
 
     def _restore(self, heads_state: HeadsState) -> None:
@@ -361,6 +364,8 @@ class HeadUpdater:
                 "last_good_heads": [dict(s) for s in self._last_good],
                 "counters": dict(self._counters),
                 "audit": self._health.state_dict(),
+                "prior": (None if self._preparer.prior is None
+                          else self._preparer.prior.state_dict()),
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,3 +393,5 @@ class HeadUpdater:
             self._last_good = state["last_good_heads"]
             self._counters.update({k: int(v) for k, v in state["counters"].items()})
             self._health.load_state_dict(state["audit"])
+            if self._preparer.prior is not None and state.get("prior") is not None:
+                self._preparer.prior.load_state_dict(state["prior"])
