@@ -282,9 +282,16 @@ def evaluate(
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """One line per figure: per-exit accuracy and FLOPs, skipped gates."""
+    """One line: per-exit accuracy and FLOPs, and skipped gates (or the final head's choice)."""
     acc = " ".join(f"{a * 100:.2f}" for a in metrics["exit_accuracy"])
     flops = " ".join(format_flops(f) for f in metrics["exit_flops"])
+    if "final_head" in metrics:  # heads fitted on a frozen backbone (backbones.head_fit)
+        choice = metrics["final_head_accuracy"]
+        pretrained = choice["pretrained"]
+        pretrained = "n/a" if pretrained is None else f"{pretrained:.2f} %"
+        return (f"exit accuracy % [{acc}] on validation | FLOPs/sample [{flops}] | final "
+                f"head: {metrics['final_head']} (fitted {choice['fitted']:.2f} %, pretrained "
+                f"{pretrained})")
     ratio = metrics["exit_flops_open"][-1] / max(1.0, metrics["exit_flops"][-1])
     return (f"exit accuracy % [{acc}] | FLOPs/sample [{flops}] (final exit {ratio:.2f}x fewer "
             f"than all gates open) | skipped blocks {metrics['skipped_blocks'] * 100:.1f}% "

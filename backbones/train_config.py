@@ -113,8 +113,14 @@ class TrainConfig:
         return config_fingerprint(self.to_dict())
 
 
-def config_fingerprint(config: Mapping[str, Any]) -> str:
-    """``TrainConfig.fingerprint`` of a config stored as a plain dict (e.g. in a checkpoint)."""
-    data = {k: v for k, v in to_plain(dict(config)).items() if k not in TrainConfig.RUNTIME_FIELDS}
+def config_fingerprint(config: Mapping[str, Any],
+                       runtime_fields: tuple[str, ...] = TrainConfig.RUNTIME_FIELDS) -> str:
+    """The ``fingerprint`` of a config stored as a plain dict (e.g. in a checkpoint).
+
+    Args:
+        config: The config's ``to_dict()``.
+        runtime_fields: Fields left out (they do not change what is trained).
+    """
+    data = {k: v for k, v in to_plain(dict(config)).items() if k not in runtime_fields}
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

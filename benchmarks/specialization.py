@@ -467,7 +467,8 @@ def run_switch(job: Job) -> dict[str, Any]:
     from specialize.run import build_policy, load_model
 
     switch_config, fresh_config = switch_configs(job)
-    model, checkpoint = load_model(switch_config.model, progress=False)
+    model, checkpoint = load_model(switch_config.model, dataset=switch_config.dataset,
+                                   progress=False)
     fresh_model = copy.deepcopy(model)
     stream = _stream(switch_config, model)
     phases = stream.config.phases

@@ -66,7 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from backbones.checkpoint import read_checkpoint
     from backbones.train import NonFiniteLossError, format_metrics
-    from specialize.zoo import cache_path, checkpoint_status, load_train_config, train_from_config
+    from specialize.zoo import cache_path, checkpoint_status, load_train_config, prepare_model
 
     config = load_train_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cache_path(config, Path(args.config).stem)
@@ -82,21 +82,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume = out if status == "partial" else None
     if status != "complete" or args.force or args.resume:
         try:
-            train_from_config(config, out, resume=resume, progress=not args.no_progress)
+            prepare_model(config, out, resume=resume, progress=not args.no_progress)
         except NonFiniteLossError as err:
             print(f"specialize: error: {err}", file=sys.stderr)
             return 1
     if os.environ.get("RANK", "0") != "0":
         return 0
     meta = read_checkpoint(out)
+    metrics = meta["metrics"]
     history = meta["history"]
     wall = sum(h.get("train_time_s", 0.0) + h.get("eval_time_s", 0.0) for h in history)
+    wall = metrics.get("seconds", {}).get("total", wall)  # a fitted frozen backbone's time
     summary = {"checkpoint": str(out), "epochs": meta["epoch"], "wall_time_s": round(wall, 1),
-               **meta["metrics"]}
+               **metrics}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{format_metrics(meta['metrics'])}\n{meta['epoch']} epochs, "
+        print(f"{format_metrics(metrics)}\n{meta['epoch']} epochs, "
               f"{wall / 60:.1f} min of training and evaluation; checkpoint: {out}")
     return 0
 

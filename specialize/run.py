@@ -8,10 +8,9 @@ plots. The engine never sees labels: they are read from the stream's evaluator o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +42,12 @@ from specialize.specializer import Specializer
 from specialize.summarize import Replay, RunRecords, build_summary, stream_record
 from specialize.summary import EvalSplits, RunSummary, UpdaterStats
 from specialize.updater import HeadUpdater, UpdaterConfig
-from specialize.zoo import DEFAULT_CONFIG, default_checkpoint, model_input_options
+from specialize.zoo import (
+    default_checkpoint,
+    default_model_config,
+    model_input_options,
+    threads,
+)
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
 
@@ -57,8 +61,9 @@ class ModelConfig:
 
     # checkpoint file; None -> the cached default, trained on first use from train_config
     checkpoint: str | None = None
-    # training config of the default model (configs/backbones/...)
-    train_config: str = str(DEFAULT_CONFIG)
+    # config of the model when checkpoint is None (configs/backbones/...); None -> the
+    # default of the scenario's data set (fashion_mnist_tiny.yaml, tiny_imagenet_lite0.yaml)
+    train_config: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -149,6 +154,11 @@ class RunConfig:
             raise ConfigError(f"scenario.holdout_fraction: must be > 0 for a run (the curves "
                               f"are measured on held-out samples), got {scenario.holdout_fraction}")
 
+    @property
+    def dataset(self) -> str:
+        """The scenario's data set (it chooses the default model)."""
+        return from_dict(ScenarioConfig, self.scenario, where="scenario").dataset
+
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run config, or a bare scenario file (defaults fill in the rest).
@@ -195,9 +205,17 @@ def _resolve(path: str | Path) -> Path:
                             f"{CONFIG_DIR}/scenarios)")
 
 
-def load_model(config: ModelConfig, *, progress: bool = True) -> tuple[torch.nn.Module, str]:
-    """Load the configured checkpoint, or the cached default (trained if missing)."""
-    path = config.checkpoint or default_checkpoint(config.train_config, progress=progress)
+def load_model(config: ModelConfig, *, dataset: str = "fashion_mnist",
+               progress: bool = True) -> tuple[MultiExitModel, str]:
+    """Load the configured checkpoint, or the cached default (prepared if missing).
+
+    Args:
+        config: The run's model section.
+        dataset: The scenario's data set (chooses the default model).
+        progress: Progress of a first-time preparation.
+    """
+    train_config = config.train_config or default_model_config(dataset)
+    path = config.checkpoint or default_checkpoint(train_config, progress=progress)
     model, _ = load_checkpoint(path)
     return model.eval(), str(path)
 
@@ -210,7 +228,8 @@ def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    model, checkpoint = load_model(config.model, progress=config.progress)
+    model, checkpoint = load_model(config.model, dataset=config.dataset,
+                                   progress=config.progress)
     stream = build_run_stream(config, model)
     timings["load"] = time.perf_counter() - clock
     policy = build_policy(config)
@@ -277,7 +296,7 @@ def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
                  desc: str = "stream") -> EngineResult:
     """Run ``specializer`` over ``stream`` with the config's batch size and torch threads."""
     try:
-        with _threads(config.engine.num_threads):
+        with threads(config.engine.num_threads):
             return specializer.run(stream, batch_size=config.engine.batch_size,
                                    progress=config.progress, desc=desc)
     finally:
@@ -321,17 +340,6 @@ def _replay(model, stream: Stream, config: RunConfig, *, specialize_heads: bool)
     if updater is None:
         model.heads.load_state_dict(heads_before)
     return replay
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _out_dir(config: RunConfig, stream: Stream) -> Path:

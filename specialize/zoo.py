@@ -24,9 +24,10 @@ import torch.distributed as dist
 from backbones import create_backbone
 from backbones.checkpoint import CheckpointError, read_checkpoint
 from backbones.contract import MultiExitModel
+from backbones.head_fit import FrozenBackboneConfig
 from backbones.multi_exit import MultiExitNet
 from backbones.train import TrainConfig, TrainResult, config_fingerprint, train
-from configkit import ConfigError, apply_overrides, from_dict, load_yaml
+from configkit import ConfigError, apply_overrides, check_choice, from_dict, load_yaml
 from streams.datasets import ArrayDataset, load_dataset
 from streams.transforms import InputTransform
 
@@ -44,26 +45,64 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "specialize"
 
 
-def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a backbone training config (YAML) and apply ``key=value`` overrides.
+ModelRecipe = TrainConfig | FrozenBackboneConfig
+RECIPES: dict[str, type] = {"joint": TrainConfig, "frozen_backbone": FrozenBackboneConfig}
+# The model a run uses when it names none: the cached default of its data set.
+DEFAULT_MODEL_CONFIGS = {
+    "fashion_mnist": DEFAULT_CONFIG,
+    "tiny_imagenet": DEFAULT_CONFIG.with_name("tiny_imagenet_lite0.yaml"),
+}
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelRecipe:
+    """Read a model config (YAML) and apply ``key=value`` overrides.
+
+    ``recipe: joint`` (the default; ``backbones.train.TrainConfig``) trains exits and gates
+    jointly; ``recipe: frozen_backbone`` (``backbones.head_fit.FrozenBackboneConfig``) fits
+    exit heads on a frozen pretrained backbone.
 
     Raises:
         FileNotFoundError: No such file.
-        ConfigError: Invalid YAML, unknown key or invalid value.
+        ConfigError: Invalid YAML, unknown recipe, key or value.
     """
     data = apply_overrides(load_yaml(path), list(overrides))
+    recipe = data.get("recipe", "joint")
     try:
-        return from_dict(TrainConfig, data)
+        check_choice("recipe", recipe, tuple(RECIPES))
+        if recipe == "joint":
+            data.pop("recipe", None)
+        return from_dict(RECIPES[recipe], data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def cache_path(config: TrainConfig, name: str = "backbone") -> Path:
+def default_model_config(dataset: str) -> Path:
+    """The model config a run on ``dataset`` uses by default (prepared once, then cached).
+
+    Data sets without a model of their own get the Fashion-MNIST one, their images adapted
+    to its channels and size (``streams.transforms.InputTransform``).
+    """
+    return DEFAULT_MODEL_CONFIGS.get(dataset, DEFAULT_CONFIG)
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` torch CPU threads inside the block (``None``: leave as it is)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def cache_path(config: ModelRecipe, name: str = "backbone") -> Path:
     """The cache file of ``config``: ``<cache>/backbones/<name>-<config hash>.pt``."""
     return cache_dir() / "backbones" / f"{name}-{config.fingerprint()}.pt"
 
 
-def checkpoint_status(path: str | Path, config: TrainConfig) -> CheckpointStatus:
+def checkpoint_status(path: str | Path, config: ModelRecipe) -> CheckpointStatus:
     """What ``path`` holds for ``config``.
 
     Returns:
@@ -77,7 +116,8 @@ def checkpoint_status(path: str | Path, config: TrainConfig) -> CheckpointStatus
         ckpt = read_checkpoint(path)
     except CheckpointError:
         return "corrupt"
-    if config_fingerprint(ckpt.get("train_config") or {}) != config.fingerprint():
+    stored = ckpt.get("train_config") or {}
+    if config_fingerprint(stored, type(config).RUNTIME_FIELDS) != config.fingerprint():
         return "other"
     return "complete" if int(ckpt.get("epoch", 0)) >= config.epochs else "partial"
 
@@ -214,11 +254,22 @@ def default_checkpoint(
                   "training it again", file=sys.stderr)
             path.unlink()
         if progress:
-            print(f"specialize: training {Path(config_path).name} once (about 10 minutes on 2 "
-                  f"CPU cores); it is cached at {path}", file=sys.stderr)
-        train_from_config(config, path, resume=path if status == "partial" else None,
-                          progress=progress)
+            print(f"specialize: preparing {Path(config_path).name} once (about 10 minutes on "
+                  f"2 CPU cores); it is cached at {path}", file=sys.stderr)
+        prepare_model(config, path, resume=path if status == "partial" else None,
+                      progress=progress)
     return path
+
+
+def prepare_model(config: ModelRecipe, out: str | Path, *, resume: str | Path | None = None,
+                  progress: bool = True) -> None:
+    """Train (``joint``) or fit (``frozen_backbone``) the model a config describes into ``out``."""
+    if isinstance(config, FrozenBackboneConfig):
+        from specialize.pretrained_exits import prepare_pretrained_exits
+
+        prepare_pretrained_exits(config, out, progress=progress)
+        return
+    train_from_config(config, out, resume=resume, progress=progress)
 
 
 @contextlib.contextmanager

@@ -88,6 +88,7 @@ def test_pool_is_the_rest_of_train_plus_val(tiny_zip):
 def test_class_index_is_sorted_wnid_and_names_come_from_words(tiny_zip):
     data = load_tiny_imagenet(tiny_zip, split="val")
     assert data.class_names == ("goldfish", "tabby", "bus")
+    assert data.class_ids == ("n01", "n02", "n03")
     assert data.num_classes == 3
 
 

@@ -34,6 +34,8 @@ class ArrayDataset:
         mean: Per-channel mean of the pixel values scaled to [0, 1] (for normalisation).
         std: Per-channel standard deviation, same scale.
         name: What the data is, e.g. ``"fashion_mnist/test"``.
+        class_ids: The source's own id of each class (Tiny-ImageNet: WordNet ids), or
+            ``None``; pretrained classifiers are matched to the classes by them.
 
     Example:
         >>> import torch
@@ -59,6 +61,7 @@ class ArrayDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str
+    class_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -84,6 +87,11 @@ class ArrayDataset:
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"
             )
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.class_ids is not None:
+            if len(self.class_ids) != len(self.class_names):
+                raise ValueError(f"{self.name}: {len(self.class_ids)} class_ids for "
+                                 f"{len(self.class_names)} classes")
+            object.__setattr__(self, "class_ids", tuple(self.class_ids))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
@@ -135,6 +143,7 @@ class ArrayDataset:
             mean=self.mean,
             std=self.std,
             name=self.name if name is None else name,
+            class_ids=self.class_ids,
         )
 
 

@@ -223,4 +223,5 @@ def load_tiny_imagenet(root: str | Path | None = None, *, split: str = "pool") -
         names = _class_names(archive, wnids)
     labels = torch.tensor([label for label, _, _ in files], dtype=torch.int64)
     return ArrayDataset(images=torch.from_numpy(np.ascontiguousarray(images)), labels=labels,
-                        class_names=names, mean=_MEAN, std=_STD, name=f"tiny_imagenet/{split}")
+                        class_names=names, mean=_MEAN, std=_STD, name=f"tiny_imagenet/{split}",
+                        class_ids=tuple(wnids))
