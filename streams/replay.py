@@ -241,11 +241,11 @@ def _fingerprint(dataset: str, split: str, indices: np.ndarray) -> str:
 
 def _holdout_split(
     labels: np.ndarray, num_classes: int, fraction: float, rng: np.random.Generator
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per class, hold out ``round(fraction * n)`` samples (at most ``n - 1``).
 
     Returns:
-        The pool indices of each class (in seeded random order) and the sorted held-out ones.
+        The pool indices and the held-out indices of each class, both in seeded random order.
     """
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(num_classes + 1))
@@ -255,7 +255,7 @@ def _holdout_split(
         count = min(int(round(fraction * len(members))), max(len(members) - 1, 0))
         held.append(members[:count])
         pools.append(members[count:])
-    return pools, np.sort(np.concatenate(held)).astype(np.int64)
+    return pools, held
 
 
 def _draw_indices(
@@ -278,13 +278,25 @@ def _draw_indices(
 
 
 def _held_out_sets(
-    data: ArrayDataset, held: np.ndarray, classes: tuple[int, ...]
+    data: ArrayDataset, held: list[np.ndarray], config: ScenarioConfig, classes: tuple[int, ...]
 ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
-    inside = np.isin(data.labels.numpy()[held], classes)
-    eval_in = data.subset(held[inside], name=f"{data.name}:eval_in") if inside.any() else None
-    outside = held[~inside]
-    eval_out = data.subset(outside, name=f"{data.name}:eval_out") if len(outside) else None
-    return eval_in, eval_out
+    """eval_in (held-out samples of the stream's classes) and eval_out (of the others).
+
+    ``eval_in_per_class`` / ``eval_out_per_class`` keep the first samples of each class's
+    seeded random held-out order; both sets are sorted by sample index.
+    """
+    inside = set(classes)
+    limits = (config.eval_in_per_class, config.eval_out_per_class)
+    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for k, members in enumerate(held):
+        which = 0 if k in inside else 1
+        parts[which].append(members[: limits[which]])
+    sets = []
+    for which, label in ((0, "eval_in"), (1, "eval_out")):
+        indices = np.sort(np.concatenate(parts[which] or [np.zeros(0, np.int64)]))
+        indices = indices.astype(np.int64)
+        sets.append(data.subset(indices, name=f"{data.name}:{label}") if len(indices) else None)
+    return sets[0], sets[1]
 
 
 def build_stream(
@@ -326,7 +338,7 @@ def build_stream(
     )
     sequence, boundaries = generate_labels(config, data.num_classes)
     indices = _draw_indices(sequence, pools, seeded_rng(config.seed, RNG_DRAW), data)
-    eval_in, eval_out = _held_out_sets(data, held, classes)
+    eval_in, eval_out = _held_out_sets(data, held, config, classes)
     return Stream(
         config=config,
         data=data,

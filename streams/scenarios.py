@@ -71,7 +71,8 @@ _KIND_FIELDS = {
 }
 _KIND_DEFAULTS = {"other_rate": 0.0, "a": 1.0, "beta": 0.1, "ir": 10.0, "segment_length": 500}
 # Fields every phase inherits from its parent: all phases draw from one pool.
-_SHARED_FIELDS = ("dataset", "root", "split", "dataset_options", "seed", "holdout_fraction")
+_SHARED_FIELDS = ("dataset", "root", "split", "dataset_options", "seed", "holdout_fraction",
+                  "eval_in_per_class", "eval_out_per_class")
 _FLOAT_FIELDS = ("holdout_fraction", "other_rate", "a", "beta", "ir")
 _TUPLE_FIELDS = ("classes", "class_order")
 
@@ -111,6 +112,8 @@ class ScenarioConfig:
     length: int | None = None  # stream samples; None -> 3000 (phases: sum of phase lengths)
     seed: int = 0  # seeds the held-out split, the label sequence and the sample draw
     holdout_fraction: float = 0.5  # per class, fraction of the split held out for evaluation
+    eval_in_per_class: int | None = None  # at most this many held-out samples per stream class
+    eval_out_per_class: int | None = None  # ... per other class (None: all; large data sets)
     other_rate: float | None = None  # subset: rate of samples from the other classes [0.0]
     a: float | None = None  # zipf: exponent of the prior p(rank r) ~ r ** -a [1.0]
     class_order: tuple[int, ...] | None = None  # zipf: classes, most frequent first [shuffle]
@@ -209,6 +212,8 @@ def _check_pool_fields(config: ScenarioConfig) -> None:
     object.__setattr__(config, "seed", check_int("seed", config.seed, ge=0))
     holdout = check_number("holdout_fraction", config.holdout_fraction, ge=0, lt=1)
     object.__setattr__(config, "holdout_fraction", holdout)
+    for name in ("eval_in_per_class", "eval_out_per_class"):
+        check_int(name, getattr(config, name), ge=1, optional=True)
 
 
 def _class_tuple(name: str, value: Any) -> tuple[int, ...] | None:
