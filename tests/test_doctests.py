@@ -24,6 +24,7 @@ MUST_HAVE_EXAMPLES = {
     "specialize.drift.page_hinkley",
     "specialize.drift.tracker",
     "specialize.updater.health",
+    "specialize.updater.prior",
     "backbones.pretrained",
     "streams.datasets.base",
     "streams.datasets.registry",

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from configkit import check_choice, check_fields, check_int, check_number
 
-__all__ = ["STRATEGIES", "UpdaterConfig"]
+__all__ = ["PSEUDO_LABELS", "STRATEGIES", "UpdaterConfig"]
 
 STRATEGIES = ("plain", "anchored")
+PSEUDO_LABELS = ("selected", "prior")
 
 
 @dataclass
@@ -26,6 +27,12 @@ class UpdaterConfig:
     anchor_weight: float = 0.5
     # pseudo-label kind: "hard" (argmax of the selected exit) or "soft" (its softened softmax)
     target: str = "hard"
+    # pseudo-label source: "selected" (the answering exit's posterior) or "prior" (the same
+    # times the stream's class prior, estimated from the served predictions; the answers
+    # themselves do not change: specialize.updater.prior)
+    pseudo_label: str = "selected"
+    # "prior" only: the prior reflects about this many recent samples
+    prior_window: int = 1000
     # softening temperature of "soft" targets; the student is softened alike and the loss
     # scaled by temperature**2 (Hinton distillation); ignored for "hard"
     temperature: float = 2.0
@@ -71,11 +78,12 @@ class UpdaterConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_number("anchor_weight", self.anchor_weight, gt=0, lt=1)
         check_choice("target", self.target, ("hard", "soft"))
+        check_choice("pseudo_label", self.pseudo_label, PSEUDO_LABELS)
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         check_number("temperature", self.temperature, gt=0)
         check_number("min_confidence", self.min_confidence, optional=True)
         for name in ("update_every", "batch_size", "steps_per_update", "queue_size",
-                     "audit_baseline", "audit_window"):
+                     "audit_baseline", "audit_window", "prior_window"):
             check_int(name, getattr(self, name), ge=1)
         check_number("lr", self.lr, gt=0)
         check_number("buffer_mb", self.buffer_mb, gt=0)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from specialize.updater.buffer import ReplayBuffer
 from specialize.updater.config import UpdaterConfig
+from specialize.updater.prior import ClassPrior
 
 # One entry of ``observe(features=...)``: a tensor with one row per sample of the batch, or
 # ``(features_k, rows_k)`` holding only the rows ``rows_k`` (batch indices) that ran exit k.
@@ -52,6 +53,8 @@ class ObservationPreparer:
         self.prefixes = prefixes
         self.buffers = buffers
         self.counters = counters
+        self.prior = (ClassPrior(num_classes, config.prior_window)
+                      if config.pseudo_label == "prior" else None)
 
     def prepare(self, features: Sequence[ExitFeatures], exit_index: Tensor,
                 selected_logits: Tensor, confidence: Tensor,
@@ -64,9 +67,13 @@ class ObservationPreparer:
         with torch.inference_mode(False), torch.no_grad():
             exit_index, logits, confidence, valid = self._check_batch(
                 exit_index, selected_logits, confidence, valid)
-            labels = logits.argmax(1)
+            teacher = logits
+            if self.prior is not None:  # the stream's prior before this batch is counted
+                teacher = self.prior.correct(logits)
+                self.prior.update(logits.argmax(1)[valid & torch.isfinite(logits).all(1)])
+            labels = teacher.argmax(1)
             if self.config.target == "soft":
-                soft = F.softmax(logits.float() / self.config.temperature, dim=1)
+                soft = F.softmax(teacher.float() / self.config.temperature, dim=1)
                 finite = torch.isfinite(soft).all(1)
             else:
                 soft = logits.new_zeros((logits.shape[0], 0))
