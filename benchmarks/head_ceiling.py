@@ -12,6 +12,8 @@ classes and its held-out ``eval_in`` set (a part of the test split). The labelle
 set is the first N images of the stream's classes of the Fashion-MNIST TRAIN split (never the
 test split: it is the stream's pool) after a shuffle seeded with the seed, so their class mix
 is the train split's, not the stream's; the N = 3000 set is a prefix of the N = 8000 one.
+``--labels pool`` instead labels the stream's own pool: the unique images the stream shows
+(the Tiny-ImageNet protocol's ceiling, ``benchmarks/tiny_imagenet.py``).
 Every early head's parameter-free prefix (pool + flatten, the part the updater precomputes) runs
 once on those images; then a copy of the model has the rest of each early head (initialised
 from the original) trained with Adam (``--lr``, ``--epochs``, batch ``--batch-size``) on
@@ -40,7 +42,8 @@ multiply-add as 2.
 
 Usage:
     python benchmarks/head_ceiling.py [--scenarios tops,footwear,tshirt-vs-shirt]
-        [--samples 3000,8000] [--seeds 0] [--checkpoint PATH] [--epochs 30] [--lr 1e-3]
+        [--samples 3000,8000 | --labels pool] [--seeds 0] [--checkpoint PATH] [--epochs 30]
+        [--lr 1e-3]
         [--batch-size 128] [--json] [--save FILE] [--no-progress]
 """
 
@@ -59,6 +62,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -110,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated scenario files or names in configs/scenarios")
     parser.add_argument("--samples", type=_ints("--samples", 1, "3000,8000"),
                         default=[3000, 8000], help="labelled training samples (one row each)")
+    parser.add_argument("--labels", choices=("train", "pool"), default="train",
+                        help="where the labelled samples come from: the train split (the "
+                             "default) or the stream's own pool (the unique samples the stream "
+                             "shows, with their true labels; --samples is then ignored)")
     parser.add_argument("--seeds", type=_ints("--seeds", 0, "0,1,2"), default=[0],
                         help="scenario seed and torch seed, e.g. 0,1,2")
     parser.add_argument("--checkpoint", default=None,
@@ -179,6 +187,24 @@ def labelled_training_set(stream, count: int, seed: int):
                          f"{list(stream.classes)}, fewer than --samples {count}")
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
     return data.subset(candidates[order[:count]].numpy(), name=f"{data.name}:labelled")
+
+
+def stream_pool_set(stream):
+    """The unique samples the stream shows (first appearance order), with their true labels.
+
+    This is the Tiny-ImageNet protocol's supervised ceiling: the early heads learn from
+    exactly the images the unsupervised run sees, but labelled.
+    """
+    from streams.datasets import ArrayDataset
+
+    evaluator = stream.evaluator()
+    indices = evaluator.indices.numpy()
+    _, first = np.unique(indices, return_index=True)
+    positions = np.sort(first)
+    images = stream.raw_images()[torch.from_numpy(positions)]
+    return ArrayDataset(images=images, labels=evaluator.labels[torch.from_numpy(positions)],
+                        class_names=stream.class_names, mean=stream.transform.mean,
+                        std=stream.transform.std, name=f"{stream.name}:pool")
 
 
 def head_splits(model: nn.Module) -> list[int]:
@@ -368,7 +394,11 @@ def run_scenario(scenario: str, seed: int, samples: Sequence[int], args: argpars
                          measure=config.policy.measure, batch_size=config.evaluation.batch_size)
 
     before = evaluate(model)
-    train = labelled_training_set(stream, max(samples), seed)
+    if getattr(args, "labels", "train") == "pool":
+        train = stream_pool_set(stream)
+        samples = [len(train)]
+    else:
+        train = labelled_training_set(stream, max(samples), seed)
     inputs = early_head_inputs(model, train.images, stream.transform,
                                config.evaluation.batch_size, progress)
     records = []

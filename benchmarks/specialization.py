@@ -67,6 +67,8 @@ STRATEGIES: dict[str, list[str]] = {
     "plain-adam": ["updater.strategy=plain"],
     "anchored-sgd": ["updater.strategy=anchored", *_FIRST_RECIPE],
     "anchored": ["updater.strategy=anchored"],  # the default (UpdaterConfig's defaults)
+    # pseudo-labels under the stream's class prior (specialize.updater.prior)
+    "anchored-prior": ["updater.strategy=anchored", "updater.pseudo_label=prior"],
 }
 DEFAULT_SCENARIOS = ("tops", "footwear", "tshirt-vs-shirt", "switch")
 SWITCH = "switch"

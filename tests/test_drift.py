@@ -345,3 +345,28 @@ def test_class_mix_validates():
         ClassMixDriftDetector(10, threshold=1.5)
     with pytest.raises(ValueError, match=r"pred_class must lie in \[0, 10\)"):
         ClassMixDriftDetector(10).update(10)
+
+
+def _scattered_stream(classes, length, seed, num_classes=200, right=0.56):
+    """Predictions of a weak 200-class model on a stream of ``classes``: errors scatter."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.choice(classes) if rng.random() < right else rng.randrange(num_classes)
+            for _ in range(length)]
+
+
+def test_class_mix_alarm_is_calibrated_to_the_chance_distance():
+    # On a 200-class model whose errors scatter, two windows of the same mix differ by ~0.4
+    # in total variation: a fixed 0.3 threshold alarmed every ~200 samples on Tiny-ImageNet.
+    dogs, insects = list(range(24, 30)), list(range(36, 46))
+    for seed in range(3):
+        detector = ClassMixDriftDetector(num_classes=200, window=100, threshold=0.3)
+        alarms = [i for i, p in enumerate(_scattered_stream(dogs, 3000, seed))
+                  if detector.update(p)]
+        assert alarms == []
+        assert 0.3 < detector.chance < 0.6
+        stream = _scattered_stream(dogs, 1000, seed) + _scattered_stream(insects, 500, seed + 9)
+        detector = ClassMixDriftDetector(num_classes=200, window=100, threshold=0.3)
+        alarms = [i for i, p in enumerate(stream) if detector.update(p)]
+        assert alarms and 1000 < alarms[0] < 1100
