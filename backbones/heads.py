@@ -64,3 +64,16 @@ def precomputed_prefix(head: nn.Module) -> int:
             break
         count += 1
     return count if count < len(head) else 0
+
+
+def split_head(head: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(prefix, body)`` with ``body(prefix(x)) == head(x)``: the prefix is parameter-free.
+
+    A head class that holds other heads (``specialize.anchoring.AnchoredHead``) splits
+    itself through a ``split_prefix()`` method. The prefix is ``nn.Identity()`` when nothing
+    can be split off.
+    """
+    if hasattr(head, "split_prefix"):
+        return head.split_prefix()
+    count = precomputed_prefix(head)
+    return (head[:count], head[count:]) if count else (nn.Identity(), head)

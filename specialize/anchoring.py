@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones import MultiExitModel
+from backbones.heads import split_head
 
 
 class AnchoredHead(nn.Module):
@@ -58,6 +59,18 @@ class AnchoredHead(nn.Module):
     def extra_repr(self) -> str:
         """Shown by ``repr``: the mixture weight."""
         return f"weight={self.weight}"
+
+    def split_prefix(self) -> tuple[nn.Module, nn.Module]:
+        """``(prefix, mixture of the two bodies)`` when both heads share their prefix.
+
+        Lets evaluation and training run the parameter-free pooling once for both heads
+        (``backbones.heads.split_head``); ``(Identity, self)`` when the prefixes differ.
+        """
+        spec_prefix, spec_body = split_head(self.spec)
+        base_prefix, base_body = split_head(self.base)
+        if repr(spec_prefix) != repr(base_prefix):
+            return nn.Identity(), self
+        return spec_prefix, AnchoredHead(spec_body, base_body, self.weight)
 
 
 def anchor_heads(model: MultiExitModel, weight: float) -> list[nn.Module]:

@@ -35,7 +35,7 @@ from configkit import (
 from specialize.anchoring import heads_state, unanchor_heads
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, make_step_fn
-from specialize.evaluation import ExitPass, exit_pass
+from specialize.evaluation import ExitPass, exit_pass, rerun_heads
 from specialize.policy import ExitPolicy
 from specialize.report import format_headline, write_report
 from specialize.specializer import Specializer
@@ -243,7 +243,8 @@ def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
                         lambda: _replay(model, stream, config, specialize_heads=False))
     special = _timed(timings, "stream_specializing",
                      lambda: _replay(model, stream, config, specialize_heads=True))
-    after = _timed(timings, "curves_after", lambda: _eval_sets(model, stream, config, "after"))
+    after = _timed(timings, "curves_after",
+                   lambda: _eval_sets(model, stream, config, "after", before))
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
     records = RunRecords(checkpoint=checkpoint, measure=policy.measure, thresholds=thresholds,
                          before=before, after=after, specializing=special, frozen=frozen,
@@ -310,13 +311,21 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     return result
 
 
-def _eval_sets(model, stream: Stream, config: RunConfig, phase: str) -> EvalSplits[ExitPass]:
+def _eval_sets(model, stream: Stream, config: RunConfig, phase: str,
+               before: EvalSplits[ExitPass] | None = None) -> EvalSplits[ExitPass]:
+    """Every exit over eval_in and eval_out.
+
+    Given ``before``, only the heads run again, on its cached head inputs (the backbone is
+    frozen): the same numbers at a fraction of the cost.
+    """
     passes = {}
     for split, data in (("in", stream.eval_in), ("out", stream.eval_out)):
-        passes[split] = None if data is None else exit_pass(
+        previous = None if before is None else getattr(before, f"eval_{split}")
+        rerun = None if previous is None else rerun_heads(model, previous, config.policy.measure)
+        passes[split] = rerun if rerun is not None or data is None else exit_pass(
             model, data.images, data.labels, stream.transform, measure=config.policy.measure,
             batch_size=config.evaluation.batch_size, progress=config.progress,
-            desc=f"eval_{split} ({phase})",
+            desc=f"eval_{split} ({phase})", keep_head_inputs=before is None,
         )
     return EvalSplits(passes["in"], passes["out"])
 
