@@ -48,6 +48,8 @@ class TrainConfig:
     dataset_args: dict = field(default_factory=dict)  # more load_dataset kwargs
     eval_split: str = "test"  # split evaluated at the end of every epoch
     train_limit: int | None = None  # use only the first N training images (quick runs)
+    val_size: int = 0  # hold the last N images of the train split out of training: the
+    # checkpoint's validation data (threshold calibration; never seen by training)
     eval_limit: int | None = None  # evaluate only the first N images of eval_split
     # --- optimisation
     epochs: int = 5  # passes over the training data
@@ -81,6 +83,9 @@ class TrainConfig:
 
     # Fields that do not change what is trained (left out of cache keys).
     RUNTIME_FIELDS = ("data_root", "eval_batch_size", "num_threads")
+    # Fields added after models were cached: at these values they are left out of cache keys,
+    # so older checkpoints keep their keys.
+    LATER_FIELDS = {"val_size": 0}
 
     def __post_init__(self) -> None:
         check_fields(self)  # every field's type; lists become tuples, ints become floats
@@ -88,6 +93,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_int(name, getattr(self, name), ge=1)
+        check_int("val_size", self.val_size, ge=0)
         for name in ("train_limit", "eval_limit", "num_threads"):
             check_int(name, getattr(self, name), ge=1, optional=True)
         check_int("crop_padding", self.crop_padding, ge=0)
@@ -121,6 +127,8 @@ def config_fingerprint(config: Mapping[str, Any],
         config: The config's ``to_dict()``.
         runtime_fields: Fields left out (they do not change what is trained).
     """
-    data = {k: v for k, v in to_plain(dict(config)).items() if k not in runtime_fields}
+    later = TrainConfig.LATER_FIELDS
+    data = {k: v for k, v in to_plain(dict(config)).items()
+            if k not in runtime_fields and not (k in later and v == later[k])}
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -66,12 +66,9 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelR
         ConfigError: Invalid YAML, unknown recipe, key or value.
     """
     data = apply_overrides(load_yaml(path), list(overrides))
-    recipe = data.get("recipe", "joint")
     try:
-        check_choice("recipe", recipe, tuple(RECIPES))
-        if recipe == "joint":
-            data.pop("recipe", None)
-        return from_dict(RECIPES[recipe], data)
+        check_choice("recipe", data.get("recipe", "joint"), tuple(RECIPES))
+        return load_train_config_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -128,11 +125,58 @@ def load_data(config: TrainConfig) -> tuple[Any, Any]:
                               **config.dataset_args)
     eval_data = load_dataset(config.dataset, split=config.eval_split, root=config.data_root,
                              **config.dataset_args)
+    if config.val_size:
+        train_data = train_data.subset(range(len(train_data) - _checked_val_size(config,
+                                                                                 train_data)))
     if config.train_limit is not None:
         train_data = train_data.subset(range(min(config.train_limit, len(train_data))))
     if config.eval_limit is not None:
         eval_data = eval_data.subset(range(min(config.eval_limit, len(eval_data))))
     return train_data, eval_data
+
+
+def _checked_val_size(config: TrainConfig, train_data: ArrayDataset) -> int:
+    if config.val_size >= len(train_data):
+        raise ConfigError(f"val_size: must be smaller than the train split ({len(train_data)} "
+                          f"images), got {config.val_size}")
+    return config.val_size
+
+
+def validation_data(train_config: dict[str, Any]) -> ArrayDataset:
+    """The validation images of a checkpoint's model (never seen while training it).
+
+    Args:
+        train_config: The config the checkpoint stores (``meta["train_config"]``).
+
+    Returns:
+        ``frozen_backbone``: its ``val_split``; ``joint``: the last ``val_size`` images of the
+        train split.
+
+    Raises:
+        ValueError: The model was trained on every image it has (``val_size: 0``).
+    """
+    config = load_train_config_dict(train_config)
+    if isinstance(config, FrozenBackboneConfig):
+        from specialize.pretrained_exits import load_split
+
+        return load_split(config, config.val_split)
+    if not config.val_size:
+        raise ValueError(
+            "this checkpoint has no validation data: it was trained on its whole train split; "
+            "train it with val_size=N (e.g. specialize train CONFIG val_size=5000)")
+    data = load_dataset(config.dataset, split="train", root=config.data_root,
+                        **config.dataset_args)
+    size = _checked_val_size(config, data)
+    return data.subset(range(len(data) - size, len(data)), name=f"{data.name}:validation")
+
+
+def load_train_config_dict(data: dict[str, Any]) -> ModelRecipe:
+    """A model config from the plain dict a checkpoint stores."""
+    data = dict(data)
+    recipe = data.pop("recipe", "joint")
+    if recipe == "frozen_backbone":
+        data["recipe"] = recipe
+    return from_dict(RECIPES[recipe], data)
 
 
 def build_model(config: TrainConfig, data: Any) -> MultiExitNet:
