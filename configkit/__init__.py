@@ -20,6 +20,7 @@ lines of code that read top to bottom, so this package is plain Python on ``yaml
 """
 
 from configkit.checks import (
+    MAX_THREADS,
     ConfigError,
     check_bool,
     check_choice,
@@ -33,9 +34,10 @@ from configkit.checks import (
     to_dict,
     to_plain,
 )
-from configkit.sources import apply_overrides, load_yaml, parse_override
+from configkit.sources import apply_overrides, load_yaml, parse_override, parse_yaml
 
 __all__ = [
+    "MAX_THREADS",
     "ConfigError",
     "apply_overrides",
     "check_bool",
@@ -49,6 +51,7 @@ __all__ = [
     "is_integer",
     "load_yaml",
     "parse_override",
+    "parse_yaml",
     "to_dict",
     "to_plain",
 ]
