@@ -16,6 +16,7 @@ from backbones.cost import flops_per_sample
 from backbones.executor.convs import run_steps
 from backbones.executor.plans import BlockPlan, GatedBlockPlan, HeadPlan, plan_stages
 from backbones.exit_rule import accepts, confidence, normalize_thresholds, select_exits
+from backbones.inputs import check_finite, prepare_inputs
 
 Thresholds = float | Sequence[float] | Tensor
 
@@ -80,6 +81,7 @@ class DynamicExecutor:
         if model.training:
             raise ValueError("DynamicExecutor needs the model in eval mode; call model.eval()")
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.channels_last = channels_last
         self.num_exits = model.num_exits
         self.gate_mode = model.gate_mode
@@ -119,10 +121,17 @@ class DynamicExecutor:
                 ``single`` (requires ``B == 1``) or ``batched``.
 
         Returns:
-            Per-sample predictions, exits, confidences, FLOPs, logits and head inputs.
+            Per-sample predictions, exits, confidences, FLOPs, logits and head inputs (empty
+            for an empty batch).
+
+        Raises:
+            ValueError: ``x`` is not a tensor of shape ``(B, *model.input_size)``, is not
+                floating point (another floating dtype is cast to the model's, see
+                ``backbones.inputs``), or holds NaN or inf values.
         """
-        if x.ndim != 4:
-            raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+        x = prepare_inputs(x, self.model.input_size, self.dtype)
+        check_finite(x, "fix the data (the engine counts and skips such rows with "
+                        "on_bad_input=skip)")
         if path not in ("auto", "single", "batched"):
             raise ValueError(f"path must be 'auto', 'single' or 'batched', got {path!r}")
         if path == "single" and x.shape[0] != 1:
