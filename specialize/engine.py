@@ -41,7 +41,7 @@ from torch import Tensor
 
 from backbones import MultiExitModel
 from backbones.cost import flops_per_sample
-from backbones.exit_rule import accepts, confidence
+from backbones.exit_rule import accepts, confidence, exit_thresholds
 from backbones.inputs import check_finite, finite_rows, prepare_inputs
 from specialize.policy import ExitPolicy
 
@@ -93,7 +93,7 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
     batch = x.shape[0]
     if batch == 0:  # nothing to run (the lazy forward cannot reduce over no rows)
         return _blank_output(torch.ones(0, dtype=torch.bool), model.num_classes)
-    thresholds = policy.thresholds_tensor(model.num_exits)
+    thresholds = exit_thresholds(policy.thresholds, model.num_exits)
     exit_index = torch.full((batch,), -1, dtype=torch.long)
     chosen_conf = torch.zeros(batch)
     selected = None
@@ -101,7 +101,7 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
     for k, outputs in enumerate(model.iter_exits(x)):
         logits = outputs.logits[k]
         conf = confidence(logits, policy.measure)
-        newly = (exit_index < 0) & accepts(conf, thresholds[k].to(conf.dtype))
+        newly = (exit_index < 0) & accepts(conf, thresholds[k])
         if k == model.num_exits - 1:
             newly = exit_index < 0
         exit_index[newly] = k

@@ -15,7 +15,13 @@ from backbones.contract import MultiExitModel
 from backbones.cost import flops_per_sample
 from backbones.executor.convs import run_steps
 from backbones.executor.plans import BlockPlan, GatedBlockPlan, HeadPlan, plan_stages
-from backbones.exit_rule import accepts, confidence, normalize_thresholds, select_exits
+from backbones.exit_rule import (
+    accepts,
+    confidence,
+    exit_thresholds,
+    normalize_thresholds,
+    select_exits,
+)
 from backbones.inputs import check_finite, prepare_inputs
 
 Thresholds = float | Sequence[float] | Tensor
@@ -143,7 +149,7 @@ class DynamicExecutor:
             return self._run_batched(x, per_exit, measure)
 
     def _thresholds_for(self, thresholds: Thresholds) -> list[Tensor]:
-        """One ``(1,)`` float64 threshold per exit (cached: batch-1 calls are hot)."""
+        """One ``(1,)`` threshold per exit as the rule compares it (cached: batch 1 is hot)."""
         if isinstance(thresholds, (int, float)):
             key: object = float(thresholds)
         elif isinstance(thresholds, Tensor):
@@ -152,7 +158,7 @@ class DynamicExecutor:
             key = tuple(float(t) for t in thresholds)
         cached = self._thresholds.get(key)
         if cached is None:
-            values = normalize_thresholds(thresholds, self.num_exits)
+            values = exit_thresholds(thresholds, self.num_exits)
             cached = (values, [values[k : k + 1] for k in range(self.num_exits)])
             if len(self._thresholds) > 64:
                 self._thresholds.clear()
