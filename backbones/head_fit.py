@@ -34,15 +34,8 @@ from backbones.contract import MultiExitModel
 from backbones.heads import precomputed_prefix
 from backbones.pretrained import PretrainedMismatchError, load_pretrained_state, map_by_position
 from backbones.train_config import config_fingerprint
-from configkit import (
-    MAX_THREADS,
-    ConfigError,
-    check_choice,
-    check_fields,
-    check_int,
-    check_number,
-    to_dict,
-)
+from configkit import ConfigError, check_choice, check_fields, check_int, check_number, to_dict
+from configkit.checks import check_threads
 
 FINAL_HEADS = ("fitted", "pretrained", "best")
 
@@ -82,7 +75,7 @@ class FrozenBackboneConfig:
         for name in ("epochs", "batch_size", "feature_batch_size"):
             check_int(name, getattr(self, name), ge=1)
         check_int("per_class_limit", self.per_class_limit, ge=1, optional=True)
-        check_int("num_threads", self.num_threads, ge=1, le=MAX_THREADS, optional=True)
+        check_threads("num_threads", self.num_threads)
         check_int("seed", self.seed, ge=0)
         check_number("weight_decay", self.weight_decay, ge=0)
         if not self.lrs:

@@ -14,12 +14,12 @@ from typing import Any
 
 from backbones.cost import GATE_MODES
 from configkit import (
-    MAX_THREADS,
     ConfigError,
     check_choice,
     check_fields,
     check_int,
     check_number,
+    check_threads,
     to_dict,
     to_plain,
 )
@@ -91,7 +91,7 @@ class TrainConfig:
             check_int(name, getattr(self, name), ge=1)
         for name in ("train_limit", "eval_limit"):
             check_int(name, getattr(self, name), ge=1, optional=True)
-        check_int("num_threads", self.num_threads, ge=1, le=MAX_THREADS, optional=True)
+        check_threads("num_threads", self.num_threads)
         check_int("seed", self.seed, ge=0)
         check_int("crop_padding", self.crop_padding, ge=0)
         check_number("lr", self.lr, gt=0)

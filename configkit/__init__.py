@@ -20,7 +20,6 @@ lines of code that read top to bottom, so this package is plain Python on ``yaml
 """
 
 from configkit.checks import (
-    MAX_THREADS,
     ConfigError,
     check_bool,
     check_choice,
@@ -28,6 +27,7 @@ from configkit.checks import (
     check_int,
     check_keys,
     check_number,
+    check_threads,
     check_type,
     from_dict,
     is_integer,
@@ -37,7 +37,6 @@ from configkit.checks import (
 from configkit.sources import apply_overrides, load_yaml, parse_override, parse_yaml
 
 __all__ = [
-    "MAX_THREADS",
     "ConfigError",
     "apply_overrides",
     "check_bool",
@@ -46,6 +45,7 @@ __all__ = [
     "check_int",
     "check_keys",
     "check_number",
+    "check_threads",
     "check_type",
     "from_dict",
     "is_integer",

@@ -125,6 +125,15 @@ def check_int(field: str, value: Any, *, ge: int | None = None, le: int | None =
     return int(value)
 
 
+def check_threads(field: str, value: Any) -> int | None:
+    """Return a number of CPU threads in ``[1, MAX_THREADS]``, or ``None`` (keep torch's).
+
+    Raises:
+        ConfigError: Anything else.
+    """
+    return check_int(field, value, ge=1, le=MAX_THREADS, optional=True)
+
+
 def check_number(field: str, value: Any, *, gt: float | None = None, ge: float | None = None,
                  lt: float | None = None, le: float | None = None, allow_inf: bool = False,
                  optional: bool = False) -> float | None:

@@ -139,7 +139,8 @@ class ExecutorStep:
         """Run one batch through the executor and convert its result."""
         if model is not self.model:
             raise ValueError("this ExecutorStep was built for another model")
-        result = self.executor.run(x, policy.thresholds, policy.measure)
+        result = self.executor.run(x, policy.thresholds, policy.measure,
+                                   check_inputs=False)  # Engine.step checked x
         return StepOutput(
             pred=result.pred, exit_index=result.exit_index, confidence=result.confidence,
             flops=result.flops, selected_logits=result.logits,

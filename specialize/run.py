@@ -23,13 +23,13 @@ import yaml
 from backbones.checkpoint import load_checkpoint
 from backbones.contract import MultiExitModel
 from configkit import (
-    MAX_THREADS,
     ConfigError,
     apply_overrides,
     check_choice,
     check_fields,
     check_int,
     check_number,
+    check_threads,
     from_dict,
     load_yaml,
     to_dict,
@@ -90,7 +90,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_int("batch_size", self.batch_size, ge=1)
-        check_int("num_threads", self.num_threads, ge=1, le=MAX_THREADS, optional=True)
+        check_threads("num_threads", self.num_threads)
         check_choice("on_bad_input", self.on_bad_input, BAD_INPUT_ACTIONS)
 
 

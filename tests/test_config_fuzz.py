@@ -168,29 +168,32 @@ def assert_valid_scenario(scenario: ScenarioConfig) -> None:
     assert ScenarioConfig.from_dict(scenario.to_dict()) == scenario
 
 
+def loaded(load, *args):
+    """``load(*args)``, or ``None`` when it raises ``ConfigError`` (the one exception allowed)."""
+    try:
+        result = load(*args)
+    except ConfigError:
+        event("ConfigError")
+        return None
+    event("valid")
+    return result
+
+
 @FAST
 @given(base=st.sampled_from(RUN_BASES), texts=st.one_of(overrides, typed_overrides))
 def test_run_overrides_give_a_valid_config_or_one_config_error(base, texts):
-    try:
-        config = load_run_config(ROOT / base, texts)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert_valid_run_config(config)
+    config = loaded(load_run_config, ROOT / base, texts)
+    if config is not None:
+        assert_valid_run_config(config)
 
 
 @FAST
 @given(base=st.sampled_from(SCENARIO_BASES), texts=st.one_of(overrides, typed_overrides))
 def test_scenario_overrides_give_a_valid_scenario_or_one_config_error(base, texts):
     texts = [text.removeprefix("scenario.") for text in texts]
-    try:
-        scenario = load_scenario(ROOT / base, texts)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert_valid_scenario(scenario)
+    scenario = loaded(load_scenario, ROOT / base, texts)
+    if scenario is not None:
+        assert_valid_scenario(scenario)
 
 
 def _mutate(data: object, path: list[object], value: object) -> object:
@@ -228,32 +231,19 @@ def doc_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("docs")
 
 
-@FAST
-@given(text=documents(RUN_BASES))
-def test_run_documents_give_a_valid_config_or_one_config_error(doc_dir, text):
-    path = doc_dir / "run.yaml"
-    path.write_text(text)
-    try:
-        config = load_run_config(path)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert_valid_run_config(config)
+DOCUMENTS = {"run": (RUN_BASES, load_run_config, assert_valid_run_config),
+             "scenario": (SCENARIO_BASES, load_scenario, assert_valid_scenario)}
 
 
-@FAST
-@given(text=documents(SCENARIO_BASES))
-def test_scenario_documents_give_a_valid_scenario_or_one_config_error(doc_dir, text):
-    path = doc_dir / "scenario.yaml"
-    path.write_text(text)
-    try:
-        scenario = load_scenario(path)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert_valid_scenario(scenario)
+@settings(FAST, max_examples=300)
+@given(kind=st.sampled_from(sorted(DOCUMENTS)), data=st.data())
+def test_documents_give_a_valid_config_or_one_config_error(doc_dir, kind, data):
+    bases, load, assert_valid = DOCUMENTS[kind]
+    path = doc_dir / f"{kind}.yaml"
+    path.write_text(data.draw(documents(bases), label="document"))
+    config = loaded(load, path)
+    if config is not None:
+        assert_valid(config)
 
 
 TRAIN_BASES = ["configs/backbones/fashion_mnist_tiny.yaml",
@@ -272,14 +262,10 @@ def test_model_configs_give_a_valid_config_or_one_config_error(doc_dir, base, ch
     data.update(changes)
     path = doc_dir / "model.yaml"
     path.write_text(yaml.safe_dump(data))
-    try:
-        config = load_train_config(path)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert from_dict(type(config), config.to_dict()) == config
-    assert len(config.fingerprint()) == 16
+    config = loaded(load_train_config, path)
+    if config is not None:
+        assert from_dict(type(config), config.to_dict()) == config
+        assert len(config.fingerprint()) == 16
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None,
@@ -289,13 +275,9 @@ def test_model_configs_give_a_valid_config_or_one_config_error(doc_dir, base, ch
 def test_load_yaml_returns_a_mapping_or_raises_one_config_error(doc_dir, raw):
     path = doc_dir / "any.yaml"
     path.write_bytes(raw)
-    try:
-        data = load_yaml(path)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert isinstance(data, dict)
+    data = loaded(load_yaml, path)
+    if data is not None:
+        assert isinstance(data, dict)
 
 
 # ---------------------------------------------------------- checks that need data or a model
@@ -334,13 +316,7 @@ def synthetic_run(tmp_path_factory):
 @given(changes=st.lists(st.tuples(data_keys, small_values), max_size=2))
 def test_checks_that_need_the_data_raise_only_config_errors(synthetic_run, changes):
     texts = [f"{key}={yaml.safe_dump(value, default_flow_style=True)}" for key, value in changes]
-    try:
-        config = load_run_config(synthetic_run, texts)
-        stream = check_run_inputs(config)
-    except ConfigError:
-        event("ConfigError")
-        return
-    event("valid")
-    assert stream.eval_in is not None and len(stream) == from_dict(
-        ScenarioConfig, config.scenario).length
-    assert set(stream.classes) <= set(range(stream.num_classes))
+    stream = loaded(lambda: check_run_inputs(load_run_config(synthetic_run, texts)))
+    if stream is not None:
+        assert stream.eval_in is not None and len(stream) == stream.config.length
+        assert set(stream.classes) <= set(range(stream.num_classes))

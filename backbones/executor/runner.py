@@ -114,7 +114,7 @@ class DynamicExecutor:
 
     def run(
         self, x: Tensor, thresholds: Thresholds, measure: str = "max_softmax", *,
-        path: str = "auto",
+        path: str = "auto", check_inputs: bool = True,
     ) -> ExecutorResult:
         """Classify a batch, each sample stopping at its first confident exit.
 
@@ -125,6 +125,8 @@ class DynamicExecutor:
             measure: Confidence measure (``backbones.exit_rule.CONFIDENCE_MEASURES``).
             path: ``auto`` (sliced per-sample execution for ``B == 1``, batched otherwise),
                 ``single`` (requires ``B == 1``) or ``batched``.
+            check_inputs: Check ``x`` with ``backbones.inputs`` (``False``: the caller did,
+                as the engine's ``InputChecker`` does; saves a pass over the input).
 
         Returns:
             Per-sample predictions, exits, confidences, FLOPs, logits and head inputs (empty
@@ -135,9 +137,10 @@ class DynamicExecutor:
                 floating point (another floating dtype is cast to the model's, see
                 ``backbones.inputs``), or holds NaN or inf values.
         """
-        x = prepare_inputs(x, self.model.input_size, self.dtype)
-        check_finite(x, "fix the data (the engine counts and skips such rows with "
-                        "on_bad_input=skip)")
+        if check_inputs:
+            x = prepare_inputs(x, self.model.input_size, self.dtype)
+            check_finite(x, "fix the data (the engine counts and skips such rows with "
+                            "on_bad_input=skip)")
         if path not in ("auto", "single", "batched"):
             raise ValueError(f"path must be 'auto', 'single' or 'batched', got {path!r}")
         if path == "single" and x.shape[0] != 1:
