@@ -282,7 +282,24 @@ def _convert(field: str, value: Any, hint: Any) -> Any:
                               f"got {bad[0]!r}")
         if args[1] is not Any:
             return {k: check_type(f"{field}.{k}", v, args[1]) for k, v in value.items()}
+        for key, item in value.items():
+            _check_plain(f"{field}.{key}", item)
     return value
+
+
+def _check_plain(field: str, value: Any) -> None:
+    """Free-form values (``dict[str, Any]``) must be plain data that JSON and YAML both hold."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{field}: keys must be strings, got {key!r}")
+            _check_plain(f"{field}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(f"{field}.{index}", item)
+    elif not (value is None or isinstance(value, (bool, str)) or _is_number(value)):
+        raise ConfigError(f"{field}: must be plain data (null, true/false, a number, a string, "
+                          f"a list or a mapping), got {value!r}")
 
 
 def _check_text(field: str, text: str) -> str:

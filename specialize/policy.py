@@ -71,7 +71,10 @@ class ExitPolicy:
         _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
 
     def thresholds_tensor(self, num_exits: int) -> Tensor:
-        """The thresholds expanded to ``(num_exits,)`` float64, last entry ``-inf``."""
+        """The thresholds as configured, ``(num_exits,)`` float64, last entry ``-inf``.
+
+        The exit rule compares them as float32 (``backbones.exit_rule.rule_values``).
+        """
         return normalize_thresholds(self.thresholds, num_exits)
 
     def confidence(self, logits: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 
@@ -35,9 +36,18 @@ RUN_BASES = ["configs/runs/demo.yaml", "configs/scenarios/tops.yaml",
              "configs/scenarios/switch.yaml", "configs/scenarios/zipf.yaml",
              "configs/scenarios/dirichlet.yaml", "configs/scenarios/tiny-imagenet/dogs.yaml"]
 SCENARIO_BASES = [p for p in RUN_BASES if "scenarios" in p]
-FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+# FUZZ_EXAMPLES=N searches longer, with N random examples per test instead of a fixed few.
+DEEP = int(os.environ.get("FUZZ_EXAMPLES", "0"))
+
+
+def fuzz(examples: int) -> settings:
+    """A few examples from a fixed seed in the suite (fast); more, random, with FUZZ_EXAMPLES."""
+    return settings(max_examples=DEEP or examples, derandomize=not DEEP, deadline=None,
+                    database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                          HealthCheck.too_slow])
+
+
+FAST = fuzz(150)
 
 
 def _field_paths(cls: type, prefix: str = "") -> list[str]:
@@ -235,7 +245,7 @@ DOCUMENTS = {"run": (RUN_BASES, load_run_config, assert_valid_run_config),
              "scenario": (SCENARIO_BASES, load_scenario, assert_valid_scenario)}
 
 
-@settings(FAST, max_examples=300)
+@fuzz(300)
 @given(kind=st.sampled_from(sorted(DOCUMENTS)), data=st.data())
 def test_documents_give_a_valid_config_or_one_config_error(doc_dir, kind, data):
     bases, load, assert_valid = DOCUMENTS[kind]
@@ -268,8 +278,7 @@ def test_model_configs_give_a_valid_config_or_one_config_error(doc_dir, base, ch
         assert len(config.fingerprint()) == 16
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz(100)
 @given(raw=st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
                      documents(RUN_BASES).map(str.encode)))
 def test_load_yaml_returns_a_mapping_or_raises_one_config_error(doc_dir, raw):
@@ -311,8 +320,7 @@ def synthetic_run(tmp_path_factory):
     return config
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz(60)
 @given(changes=st.lists(st.tuples(data_keys, small_values), max_size=2))
 def test_checks_that_need_the_data_raise_only_config_errors(synthetic_run, changes):
     texts = [f"{key}={yaml.safe_dump(value, default_flow_style=True)}" for key, value in changes]
