@@ -1,13 +1,20 @@
 """The exit rule: confidence measures and the choice of the exit that answers.
 
-This module is the one place where thresholds are applied. The executor, the engine and the
-threshold sweeps in ``specialize.curves`` all call :func:`select_exits`, so a sample's exit
-is decided by the same comparison everywhere.
+This module is the one place where thresholds are applied. The executor (batch 1 and
+batched), the engine's reference step, :func:`select_exits`, the threshold sweeps and
+operating points in ``specialize.curves`` and the calibration in ``specialize.policy`` all
+compare through :func:`accepts`, so a sample's exit is decided by the same comparison
+everywhere, ties included.
 
 The rule: exits are evaluated in order ``0 .. K-1``; exit ``k`` answers when its confidence
 ``c_k >= threshold_k`` (:func:`accepts`); the first exit that accepts answers and nothing
 deeper runs. The last exit always answers, whatever its threshold. A NaN confidence never
 clears a threshold.
+
+The comparison is made in one dtype, :data:`RULE_DTYPE` (float32, what the models compute
+confidences in): :func:`rule_values` rounds confidences and thresholds to it (to the nearest
+float32), so a threshold of ``0.9`` accepts a confidence of ``float32(0.9)`` on every path.
+Thresholds are reported as configured (:func:`normalize_thresholds`, float64).
 """
 
 from __future__ import annotations
@@ -20,14 +27,20 @@ from torch import Tensor
 
 __all__ = [
     "CONFIDENCE_MEASURES",
+    "RULE_DTYPE",
     "accepts",
     "confidence",
+    "exit_thresholds",
     "normalize_thresholds",
+    "rule_values",
     "select_exits",
 ]
 
 CONFIDENCE_MEASURES: tuple[str, ...] = ("max_softmax", "margin", "neg_entropy")
 """Names accepted by :func:`confidence`; larger values always mean "more confident"."""
+
+RULE_DTYPE = torch.float32
+"""The dtype confidences and thresholds are compared in (see the module docstring)."""
 
 
 def _check_measure(measure: str) -> None:
@@ -77,8 +90,25 @@ def confidence(logits: Tensor, measure: str = "max_softmax") -> Tensor:
     return torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
 
 
+def rule_values(values: float | Sequence[float] | Tensor) -> Tensor:
+    """Confidences or thresholds as the rule compares them: :data:`RULE_DTYPE`, nearest value.
+
+    Example:
+        >>> rule_values(0.9) == torch.tensor(0.9, dtype=torch.float64).float()
+        tensor(True)
+
+    Args:
+        values: A number, a sequence, a numpy array or a tensor (any floating dtype).
+
+    Returns:
+        ``values`` as a float32 tensor (the tensor itself when it already is one).
+    """
+    values = torch.as_tensor(values)
+    return values if values.dtype == RULE_DTYPE else values.to(RULE_DTYPE)
+
+
 def accepts(confidence: Tensor, threshold: float | Tensor) -> Tensor:
-    """Whether an exit may answer: ``confidence >= threshold`` (elementwise, broadcasting).
+    """Whether an exit may answer: ``confidence >= threshold``, both as :func:`rule_values`.
 
     Args:
         confidence: Confidence values of any shape.
@@ -87,7 +117,7 @@ def accepts(confidence: Tensor, threshold: float | Tensor) -> Tensor:
     Returns:
         A bool tensor of the broadcast shape.
     """
-    return confidence >= threshold
+    return rule_values(confidence) >= rule_values(threshold)
 
 
 def normalize_thresholds(thresholds: float | Sequence[float] | Tensor, num_exits: int) -> Tensor:
@@ -124,13 +154,21 @@ def normalize_thresholds(thresholds: float | Sequence[float] | Tensor, num_exits
     return out
 
 
+def exit_thresholds(thresholds: float | Sequence[float] | Tensor, num_exits: int) -> Tensor:
+    """:func:`normalize_thresholds` as the rule compares them: float32 ``(K,)``, last ``-inf``.
+
+    Raises:
+        ValueError: As :func:`normalize_thresholds`.
+    """
+    return rule_values(normalize_thresholds(thresholds, num_exits))
+
+
 def select_exits(confidences: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
     """Index of the exit that answers for each sample.
 
     The first exit ``k`` with ``accepts(confidences[:, k], thresholds[k])`` answers; the last
-    exit always answers (its threshold is ignored). Thresholds are compared in the dtype of
-    ``confidences`` (as a Python number would be), so a threshold of ``0.7`` accepts a
-    float32 confidence of ``0.7``.
+    exit always answers (its threshold is ignored). Both are compared as float32
+    (:func:`rule_values`), so a threshold of ``0.7`` accepts a confidence of ``float32(0.7)``.
 
     Args:
         confidences: Confidence of every exit, shape ``(N, K)``.
@@ -154,8 +192,7 @@ def select_exits(confidences: Tensor, thresholds: Tensor | Sequence[float]) -> T
             f"expected {num_exits} thresholds (one per exit), got shape {tuple(thresholds.shape)}; "
             "use normalize_thresholds(thresholds, num_exits) to expand a number or a shorter list"
         )
-    dtype = confidences.dtype if confidences.is_floating_point() else None
-    accepted = accepts(confidences, thresholds.to(device=confidences.device, dtype=dtype))
+    accepted = accepts(confidences, thresholds.to(device=confidences.device))
     accepted[:, -1] = True
     # argmax returns the first maximal index, i.e. the first exit that accepts.
     return accepted.to(torch.uint8).argmax(dim=1).to(torch.int64)

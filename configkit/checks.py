@@ -49,6 +49,12 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------ value checks
 
 
+# Integers in a config are 64-bit: numpy and torch take them as they are (seeds, sizes).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Most CPU threads a config may ask for (torch.set_num_threads overflows past 2**31 - 1).
+MAX_THREADS = 1024
+
+
 def is_integer(value: Any) -> bool:
     """Whether ``value`` is an integer (numpy's too) and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -56,6 +62,20 @@ def is_integer(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float:
+    """``float(value)`` for a number; an integer too large for a float becomes +-inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _check_int64(field: str, value: Any) -> None:
+    if is_integer(value) and not INT64_MIN <= value <= INT64_MAX:
+        raise ConfigError(f"{field}: must be an integer in [-2**63, 2**63 - 1] (64-bit), "
+                          f"got {value}")
 
 
 def _fail(field: str, allowed: str, value: Any, optional: bool) -> ConfigError:
@@ -97,11 +117,21 @@ def check_int(field: str, value: Any, *, ge: int | None = None, le: int | None =
     """
     if optional and value is None:
         return None
+    _check_int64(field, value)
     if not is_integer(value) or (ge is not None and value < ge) or (le is not None and value > le):
         bounds = {(False, False): "", (True, False): f" >= {ge}", (False, True): f" <= {le}",
                   (True, True): f" in [{ge}, {le}]"}[ge is not None, le is not None]
         raise _fail(field, f"an integer{bounds}", value, optional)
     return int(value)
+
+
+def check_threads(field: str, value: Any) -> int | None:
+    """Return a number of CPU threads in ``[1, MAX_THREADS]``, or ``None`` (keep torch's).
+
+    Raises:
+        ConfigError: Anything else.
+    """
+    return check_int(field, value, ge=1, le=MAX_THREADS, optional=True)
 
 
 def check_number(field: str, value: Any, *, gt: float | None = None, ge: float | None = None,
@@ -132,7 +162,7 @@ def check_number(field: str, value: Any, *, gt: float | None = None, ge: float |
     """
     if optional and value is None:
         return None
-    number = float(value) if _is_number(value) else math.nan
+    number = _as_float(value) if _is_number(value) else math.nan
     inside = (math.isfinite(number) or (allow_inf and number == math.inf)) and (
         (gt is None or number > gt) and (ge is None or number >= ge)
         and (lt is None or number < lt) and (le is None or number <= le))
@@ -229,11 +259,12 @@ def _has_shape(value: Any, hint: Any) -> bool:
 def _convert(field: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
     if hint is int:
+        _check_int64(field, value)
         return int(value)
     if hint is float:
-        return float(value)
+        return _as_float(value)
     if hint is str:
-        return os.fspath(value)
+        return _check_text(field, os.fspath(value))
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_dict(hint, value, where=field)
     if origin is tuple and args and args[-1] is not Ellipsis:
@@ -244,9 +275,37 @@ def _convert(field: str, value: Any, hint: Any) -> Any:
         items = [check_type(f"{field}.{i}", v, args[0]) for i, v in enumerate(value)] if args \
             else list(value)
         return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) and len(args) == 2 and args[1] is not Any:
-        return {k: check_type(f"{field}.{k}", v, args[1]) for k, v in value.items()}
+    if origin in (dict, Mapping) and len(args) == 2:
+        bad = [key for key in value if not isinstance(key, args[0])]
+        if bad:
+            raise ConfigError(f"{field}: keys must be {_describe(args[0], plural=True)}, "
+                              f"got {bad[0]!r}")
+        if args[1] is not Any:
+            return {k: check_type(f"{field}.{k}", v, args[1]) for k, v in value.items()}
+        for key, item in value.items():
+            _check_plain(f"{field}.{key}", item)
     return value
+
+
+def _check_plain(field: str, value: Any) -> None:
+    """Free-form values (``dict[str, Any]``) must be plain data that JSON and YAML both hold."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{field}: keys must be strings, got {key!r}")
+            _check_plain(f"{field}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(f"{field}.{index}", item)
+    elif not (value is None or isinstance(value, (bool, str)) or _is_number(value)):
+        raise ConfigError(f"{field}: must be plain data (null, true/false, a number, a string, "
+                          f"a list or a mapping), got {value!r}")
+
+
+def _check_text(field: str, text: str) -> str:
+    if "\0" in text:
+        raise ConfigError(f"{field}: must be a string without NUL characters, got {text!r}")
+    return text
 
 
 def _describe(hint: Any, plural: bool = False) -> str:

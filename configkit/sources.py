@@ -29,14 +29,62 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8: {err})") from err
+    data = parse_yaml(text, f"{path}: not valid YAML")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, problem: str) -> Any:
+    """``yaml.safe_load(text)``; anything it rejects becomes one :class:`ConfigError`.
+
+    PyYAML raises more than ``YAMLError``: ``ValueError`` for impossible dates
+    (``2020-13-45``) or ``!!int 0x``, ``IndexError`` for ``!!int``, ``KeyError`` for
+    ``!!bool x``, ``AttributeError`` for ``!!timestamp``, ``RecursionError`` for deeply
+    nested brackets; so any exception of the parser means the text is not valid YAML.
+
+    Args:
+        text: The YAML text.
+        problem: Start of the message, naming the file or override.
+
+    Raises:
+        ConfigError: ``problem``, then what the parser said.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except Exception as err:  # any of them: see above
+        raise ConfigError(f"{problem}: {type(err).__name__}: {err}") from err
+    if _expanded_size(data, {}, set()) > MAX_EXPANDED_NODES:
+        raise ConfigError(f"{problem}: nested deeper than {MAX_DEPTH} levels, or its aliases "
+                          f"expand to more than {MAX_EXPANDED_NODES} values; write it out flat")
+    return data
+
+
+# What a YAML config may hold once its aliases (``*name``) are expanded: configs are copied,
+# checked and written back expanded (recursively), so ``a: &a [*a]``, nested aliases or
+# hundreds of nested brackets must fail here.
+MAX_EXPANDED_NODES = 100_000
+MAX_DEPTH = 32
+
+
+def _expanded_size(value: Any, sizes: dict[int, int], path: set[int]) -> int:
+    """Number of values in ``value`` with aliases expanded; a cycle counts as unbounded."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in path or len(path) >= MAX_DEPTH:
+        return MAX_EXPANDED_NODES + 1  # an alias inside itself, or too deep
+    if key not in sizes:
+        path.add(key)
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[key] = 1 + sum(_expanded_size(item, sizes, path) for item in items)
+        path.discard(key)
+    return sizes[key]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -58,10 +106,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. seed=3)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
+    if key.count(".") >= MAX_DEPTH:
+        raise ConfigError(f"override {text!r}: a key of at most {MAX_DEPTH} dotted parts")
+    value = parse_yaml(raw, f"override {text!r}: value is not valid YAML") if raw.strip() \
+        else None
     return key.strip().split("."), value
 
 
@@ -125,7 +173,7 @@ def _index(items: list, key: str, path: str, text: str) -> int:
     parent = path.rpartition(".")[0]
     if not items:
         raise ConfigError(f"override {text!r}: {parent} is an empty list; no index is allowed")
-    if not (key.isdigit() and int(key) < len(items)):
+    if not (key.isascii() and key.isdigit() and int(key) < len(items)):
         raise ConfigError(f"override {text!r}: {parent} has {len(items)} items; use an index in "
                           f"0..{len(items) - 1}, got {key}")
     return int(key)

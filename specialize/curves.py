@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backbones.exit_rule import normalize_thresholds, select_exits
+from backbones.exit_rule import normalize_thresholds, rule_values, select_exits
 
 __all__ = [
     "CurvePoints",
@@ -127,9 +127,9 @@ def as_exit_arrays(
         flops: Cost of answering at each exit.
 
     Returns:
-        ``(confidence, correct bool, flops)``. Confidence stays float32 if it is float32
-        (:func:`~backbones.exit_rule.select_exits` compares thresholds in that precision, as
-        the engine does), else becomes float64. Integer FLOPs become int64 so that sums are
+        ``(confidence, correct bool, flops)``. Confidence becomes float32, the one dtype
+        the exit rule compares in (:func:`~backbones.exit_rule.rule_values`), so every sweep
+        places ties exactly as the engine does. Integer FLOPs become int64 so that sums are
         exact, others float64.
 
     Raises:
@@ -137,9 +137,7 @@ def as_exit_arrays(
             cost is not finite, or ``correct`` is not boolean.
     """
     correct, flops = _check_outcomes(correct, flops)
-    confidence = _to_numpy(confidence)
-    if confidence.dtype != np.float32:  # float32 stays: thresholds compare in its precision
-        confidence = confidence.astype(np.float64)
+    confidence = rule_values(_to_numpy(confidence).astype(np.float64)).numpy()
     if confidence.shape != correct.shape:
         raise ValueError(f"confidence has shape {confidence.shape} but correct has {correct.shape}")
     if not np.isfinite(confidence).all():
@@ -256,7 +254,7 @@ def _exact_shared_sweep(
     n, k = confidence.shape
     if k == 1:  # no early exit: one operating point
         return CurvePoints(np.array([np.inf]), 100.0 * correct[:, :1].sum(0) / n, flops.sum(0) / n)
-    early = confidence[:, : k - 1].astype(np.float64)  # exact for float32 values
+    early = confidence[:, : k - 1].astype(np.float64)  # exact: the rule's float32 values
     rows, cols, moves_from = _prefix_max_records(early)
     order = np.argsort(-early[rows, cols], kind="stable")
     rows, cols, moves_from = rows[order], cols[order], moves_from[order]

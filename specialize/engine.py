@@ -5,6 +5,28 @@ whose confidence clears its threshold (``backbones.exit_rule``: the one place th
 lives), and records each sample's prediction, exit, confidence and FLOPs. Then it calls its
 hooks: the head updater learns from the selected exit's prediction, trackers record the
 compute per predicted class. The engine never sees labels: streams hand it inputs only.
+
+Bad inputs (checked by :class:`InputChecker` before anything runs; ``backbones.inputs``):
+
+==========================================  ===========================  =====================
+input                                       ``on_bad_input=error``       ``on_bad_input=skip``
+==========================================  ===========================  =====================
+rows with NaN or inf values                 ``ValueError`` naming the    those rows skipped:
+                                            row                          ``valid`` false,
+                                                                         counted, not learned
+float64, float16, bfloat16                  cast to the model's float32  the same
+integer or bool dtype (raw uint8 images)    ``ValueError``               ``ValueError``
+wrong type, dimensions, channels or size    ``ValueError``               ``ValueError``
+empty batch (0 rows)                        empty output, no hook runs   the same
+==========================================  ===========================  =====================
+
+Why: ``skip`` is for sporadic corrupt samples (a sensor glitch) in a stream that is otherwise
+fine. A wrong shape or an integer dtype means the whole stream is prepared wrongly, so every
+batch would be skipped: that is an error either way, whose message says how to fix it.
+Another floating dtype is cast rather than refused, since float32 is the precision the model
+computes in anyway (float16 converts exactly; float64 values beyond float32's range become
+inf, so their rows count as non-finite). An empty batch has nothing to run, skip or learn.
+Skipped rows reach the hooks marked invalid, and the updater never observes them.
 """
 
 from __future__ import annotations
@@ -19,7 +41,8 @@ from torch import Tensor
 
 from backbones import MultiExitModel
 from backbones.cost import flops_per_sample
-from backbones.exit_rule import accepts, confidence
+from backbones.exit_rule import accepts, confidence, exit_thresholds
+from backbones.inputs import check_finite, finite_rows, prepare_inputs
 from specialize.policy import ExitPolicy
 
 BAD_INPUT_ACTIONS = ("error", "skip")
@@ -68,7 +91,9 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
         The step output (``valid`` all true).
     """
     batch = x.shape[0]
-    thresholds = policy.thresholds_tensor(model.num_exits)
+    if batch == 0:  # nothing to run (the lazy forward cannot reduce over no rows)
+        return _blank_output(torch.ones(0, dtype=torch.bool), model.num_classes)
+    thresholds = exit_thresholds(policy.thresholds, model.num_exits)
     exit_index = torch.full((batch,), -1, dtype=torch.long)
     chosen_conf = torch.zeros(batch)
     selected = None
@@ -76,7 +101,7 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
     for k, outputs in enumerate(model.iter_exits(x)):
         logits = outputs.logits[k]
         conf = confidence(logits, policy.measure)
-        newly = (exit_index < 0) & accepts(conf, thresholds[k].to(conf.dtype))
+        newly = (exit_index < 0) & accepts(conf, thresholds[k])
         if k == model.num_exits - 1:
             newly = exit_index < 0
         exit_index[newly] = k
@@ -114,7 +139,8 @@ class ExecutorStep:
         """Run one batch through the executor and convert its result."""
         if model is not self.model:
             raise ValueError("this ExecutorStep was built for another model")
-        result = self.executor.run(x, policy.thresholds, policy.measure)
+        result = self.executor.run(x, policy.thresholds, policy.measure,
+                                   check_inputs=False)  # Engine.step checked x
         return StepOutput(
             pred=result.pred, exit_index=result.exit_index, confidence=result.confidence,
             flops=result.flops, selected_logits=result.logits,
@@ -160,39 +186,38 @@ class EngineResult:
 
 
 class InputChecker:
-    """Validates engine inputs: shape, channels, dtype and finite values.
+    """Validates engine inputs, per case (the module docstring lists them).
 
     Args:
         input_size: ``(C, H, W)`` the model expects.
-        on_bad_input: ``error`` raises; ``skip`` marks the sample invalid (counted, never
-            learned from).
+        on_bad_input: What rows with NaN or inf values do: ``error`` raises; ``skip`` marks
+            them invalid (counted, never learned from). Inputs of the wrong type, shape or an
+            integer dtype raise either way.
+        dtype: The model's floating dtype; other floating inputs are cast to it.
     """
 
-    def __init__(self, input_size: tuple[int, ...], on_bad_input: str = "error") -> None:
+    def __init__(self, input_size: tuple[int, ...], on_bad_input: str = "error",
+                 dtype: torch.dtype = torch.float32) -> None:
         if on_bad_input not in BAD_INPUT_ACTIONS:
             raise ValueError(f"on_bad_input must be one of {BAD_INPUT_ACTIONS}, "
                              f"got {on_bad_input!r}")
         self.input_size = tuple(input_size)
         self.on_bad_input = on_bad_input
+        self.dtype = dtype
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Return a bool mask of valid rows of ``x`` (or raise, per ``on_bad_input``)."""
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"input of shape {shape} does not fit the model: expected (B, "
-                f"{', '.join(map(str, self.input_size))}); adapt channels/size with "
-                "streams.transforms.InputTransform(in_chans=..., size=...)"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"input dtype {x.dtype} is not floating point; normalise uint8 "
-                             "images with streams.transforms.InputTransform first")
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        if self.on_bad_input == "error" and not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            raise ValueError(f"input row {bad} has NaN/inf pixels; fix the data or set "
-                             "engine.on_bad_input=skip to count and skip such samples")
-        return finite
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(x in the model's dtype, valid rows (B,) bool)``, or raise.
+
+        Raises:
+            ValueError: Wrong type, shape or integer dtype; or NaN/inf values with
+                ``on_bad_input="error"``. The message names the problem and the fix.
+        """
+        x = prepare_inputs(x, self.input_size, self.dtype)
+        if self.on_bad_input == "skip":
+            return x, finite_rows(x)
+        check_finite(x, "fix the data or set engine.on_bad_input=skip to count and skip "
+                        "such samples")
+        return x, torch.ones(x.shape[0], dtype=torch.bool)
 
 
 class Engine:
@@ -219,7 +244,8 @@ class Engine:
         self.policy = policy
         self.hooks = list(hooks)
         self.step_fn = step_fn
-        self.check = InputChecker(model.input_size, on_bad_input)
+        self.check = InputChecker(model.input_size, on_bad_input,
+                                  next(model.parameters()).dtype)
         self.serving = serving or contextlib.nullcontext
 
     @torch.no_grad()
@@ -228,8 +254,14 @@ class Engine:
             return self.step_fn(self.model, x, self.policy)
 
     def step(self, x: Tensor) -> StepOutput:
-        """Process one batch: infer valid rows, then call every hook."""
-        valid = self.check(x)
+        """Process one batch: infer valid rows, then call every hook.
+
+        An empty batch returns an empty output and calls no hook; skipped rows reach the
+        hooks marked invalid (``output.valid``), so nothing learns from them.
+        """
+        x, valid = self.check(x)
+        if x.shape[0] == 0:
+            return _blank_output(valid, self.model.num_classes)
         if bool(valid.all()):
             output = self._infer(x)
         else:
@@ -256,16 +288,22 @@ class Engine:
         return _concat(records, time.perf_counter() - start)
 
 
-def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -> StepOutput:
+def _blank_output(valid: Tensor, num_classes: int) -> StepOutput:
+    """The output of a batch where no row ran (``pred`` and ``exit_index`` -1)."""
     batch = valid.shape[0]
-    full = StepOutput(
+    return StepOutput(
         pred=torch.full((batch,), -1, dtype=torch.long),
         exit_index=torch.full((batch,), -1, dtype=torch.long),
         confidence=torch.zeros(batch), flops=torch.zeros(batch, dtype=torch.long),
         selected_logits=torch.zeros(batch, num_classes), features=[], valid=valid,
     )
+
+
+def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -> StepOutput:
+    full = _blank_output(valid, num_classes)
     if output is None:
         return full
+    batch = valid.shape[0]
     for name in ("pred", "exit_index", "confidence", "flops", "selected_logits"):
         getattr(full, name)[valid] = getattr(output, name).to(getattr(full, name).dtype)
     valid_rows = valid.nonzero().squeeze(1)

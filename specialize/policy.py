@@ -28,6 +28,7 @@ __all__ = [
     "CONFIDENCE_MEASURES",
     "CalibrationResult",
     "ExitPolicy",
+    "MEASURE_MAX",
     "accepts",
     "calibrate_thresholds",
     "confidence",
@@ -38,7 +39,7 @@ __all__ = [
 CALIBRATION_TARGETS = ("accuracy", "flops")
 
 # Largest value each measure can take; a finite threshold above it disables the exit silently.
-_MEASURE_MAX = {"max_softmax": 1.0, "margin": 1.0, "neg_entropy": 0.0}
+MEASURE_MAX = {"max_softmax": 1.0, "margin": 1.0, "neg_entropy": 0.0}
 
 # Slack for comparing accuracies in percent computed as 100 * count / N.
 _ACCURACY_EPS = 1e-9
@@ -70,7 +71,10 @@ class ExitPolicy:
         _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
 
     def thresholds_tensor(self, num_exits: int) -> Tensor:
-        """The thresholds expanded to ``(num_exits,)`` float64, last entry ``-inf``."""
+        """The thresholds as configured, ``(num_exits,)`` float64, last entry ``-inf``.
+
+        The exit rule compares them as float32 (``backbones.exit_rule.rule_values``).
+        """
         return normalize_thresholds(self.thresholds, num_exits)
 
     def confidence(self, logits: Tensor) -> Tensor:
@@ -84,9 +88,12 @@ class ExitPolicy:
 
 
 def _check_threshold_values(measure: str, values: np.ndarray) -> None:
+    if values.size == 0:
+        raise ConfigError("thresholds: must be one number, or a list of one per early exit "
+                          "(e.g. [0.9, 0.8, 0.7]), got []")
     if np.isnan(values).any():
         raise ConfigError(f"thresholds: must not be NaN, got {values.tolist()}")
-    upper = _MEASURE_MAX[measure]
+    upper = MEASURE_MAX[measure]
     if (np.isfinite(values) & (values > upper)).any():
         raise ConfigError(
             f"thresholds: {values.tolist()} include values above {upper}, the largest {measure} "

@@ -8,6 +8,7 @@ plots. The engine never sees labels: they are read from the stream's evaluator o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from configkit import (
     check_fields,
     check_int,
     check_number,
+    check_threads,
     from_dict,
     load_yaml,
     to_dict,
@@ -36,8 +38,9 @@ from specialize.anchoring import heads_state, unanchor_heads
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, make_step_fn
 from specialize.evaluation import ExitPass, exit_pass, rerun_heads
-from specialize.policy import ExitPolicy
+from specialize.policy import MEASURE_MAX, ExitPolicy
 from specialize.report import format_headline, write_report
+from specialize.run_checks import check_model_fits, check_run_inputs
 from specialize.specializer import Specializer
 from specialize.summarize import Replay, RunRecords, build_summary, stream_record
 from specialize.summary import EvalSplits, RunSummary, UpdaterStats
@@ -50,6 +53,7 @@ from specialize.zoo import (
 )
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
+from streams.transforms import InputTransform
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 T = TypeVar("T")
@@ -86,7 +90,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_int("batch_size", self.batch_size, ge=1)
-        check_int("num_threads", self.num_threads, ge=1, optional=True)
+        check_threads("num_threads", self.num_threads)
         check_choice("on_bad_input", self.on_bad_input, BAD_INPUT_ACTIONS)
 
 
@@ -153,6 +157,10 @@ class RunConfig:
         if scenario.holdout_fraction == 0:
             raise ConfigError(f"scenario.holdout_fraction: must be > 0 for a run (the curves "
                               f"are measured on held-out samples), got {scenario.holdout_fraction}")
+        floor, measure = self.updater.min_confidence, self.policy.measure
+        if floor is not None and floor > MEASURE_MAX[measure]:
+            raise ConfigError(f"updater.min_confidence: must be <= {MEASURE_MAX[measure]} (the "
+                              f"largest {measure}) or null, else no sample teaches; got {floor}")
 
     @property
     def dataset(self) -> str:
@@ -228,9 +236,11 @@ def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    stream = check_run_inputs(config)  # what needs the data or the checkpoint, before loading
     model, checkpoint = load_model(config.model, dataset=config.dataset,
                                    progress=config.progress)
-    stream = build_run_stream(config, model)
+    check_model_fits(config, model, stream)  # a default model prepared just now
+    stream = fit_inputs(stream, model)
     timings["load"] = time.perf_counter() - clock
     policy = build_policy(config)
     thresholds = policy.thresholds_tensor(model.num_exits)
@@ -260,7 +270,19 @@ def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
 
 def build_run_stream(config: RunConfig, model: MultiExitModel) -> Stream:
     """The stream of a run config, its inputs shaped and normalised as ``model`` expects."""
-    return build_stream(config.scenario, **model_input_options(model))
+    return fit_inputs(build_stream(config.scenario), model)
+
+
+def fit_inputs(stream: Stream, model: MultiExitModel) -> Stream:
+    """``stream`` (samples shared) with its inputs shaped and normalised as ``model`` expects."""
+    options = model_input_options(model)
+    fitted = copy.copy(stream)
+    fitted.transform = InputTransform(
+        stream.transform.mean if options["mean"] is None else options["mean"],
+        stream.transform.std if options["std"] is None else options["std"],
+        in_chans=options["in_chans"], size=options["input_size"],
+        interpolation=options["interpolation"])
+    return fitted
 
 
 def build_policy(config: RunConfig) -> ExitPolicy:

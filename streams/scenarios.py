@@ -37,6 +37,7 @@ from configkit import (
     check_choice,
     check_int,
     check_number,
+    check_type,
     from_dict,
     is_integer,
     load_yaml,
@@ -197,18 +198,22 @@ def _set_checked(config: ScenarioConfig, name: str, check: Callable, **bounds: A
 
 
 def _check_pool_fields(config: ScenarioConfig) -> None:
-    if not isinstance(config.name, str):
-        raise _fail("name", f"must be a string, got {config.name!r}")
+    if not isinstance(config.name, str) or "/" in config.name:
+        raise _fail("name", f"must be a string without '/' (it names the run folder), got "
+                            f"{config.name!r}")
+    check_type("name", config.name, str)
     check_choice("dataset", config.dataset, list_datasets())
     if config.root is not None:
         if not isinstance(config.root, (str, Path)):
             raise _fail("root", f"must be a folder path or null, got {config.root!r}")
-        object.__setattr__(config, "root", str(config.root))
+        object.__setattr__(config, "root", check_type("root", config.root, str))
     if not isinstance(config.split, str) or not config.split:
         raise _fail("split", f"must be a split name such as 'test', got {config.split!r}")
+    check_type("split", config.split, str)
     if not isinstance(config.dataset_options, Mapping):
         raise _fail("dataset_options", f"must be a mapping, got {config.dataset_options!r}")
-    object.__setattr__(config, "dataset_options", dict(config.dataset_options))
+    options = check_type("dataset_options", config.dataset_options, dict[str, Any])
+    object.__setattr__(config, "dataset_options", dict(options))
     object.__setattr__(config, "seed", check_int("seed", config.seed, ge=0))
     holdout = check_number("holdout_fraction", config.holdout_fraction, ge=0, lt=1)
     object.__setattr__(config, "holdout_fraction", holdout)

@@ -168,7 +168,8 @@ def test_sections_may_be_given_as_instances():
     ("override", "match"),
     [
         ("engine.batch_size=0", "engine.batch_size: must be an integer >= 1, got 0"),
-        ("engine.num_threads=0", "engine.num_threads: must be an integer >= 1 or null, got 0"),
+        ("engine.num_threads=0",
+         r"engine.num_threads: must be an integer in \[1, 1024\] or null, got 0"),
         ("engine.on_bad_input=drop",
          "engine.on_bad_input: unknown value 'drop'; allowed: error, skip"),
         ("drift.window=0", "drift.window: must be an integer >= 1, got 0"),
@@ -209,7 +210,7 @@ def test_every_run_section_checks_its_ranges(override, match):
         ({"step_gamma": 0}, r"step_gamma: must be a number in \(0, 1\]"),
         ({"distill_temperature": 0}, "distill_temperature: must be a number > 0"),
         ({"crop_padding": -1}, "crop_padding: must be an integer >= 0"),
-        ({"num_threads": 0}, "num_threads: must be an integer >= 1 or null"),
+        ({"num_threads": 0}, "num_threads: must be an integer in \\[1, 1024\\] or null"),
         ({"train_limit": 0}, "train_limit: must be an integer >= 1 or null"),
         ({"schedule": "linear"}, "schedule: unknown value 'linear'; allowed: cosine, step"),
         ({"gate_mode": "serial"}, "gate_mode: unknown value 'serial'; allowed: parallel"),
@@ -255,7 +256,7 @@ def test_dataclass_errors_become_config_errors():
     ("overrides", "message"),
     [
         (["engine.num_threads=0", "length=10"],
-         "engine.num_threads: must be an integer >= 1 or null, got 0"),
+         "engine.num_threads: must be an integer in [1, 1024] or null, got 0"),
         (["updater=5"], "updater: must be a mapping of key: value, got 5"),
         (["engine=fast"], "engine: must be a mapping of key: value, got 'fast'"),
     ],

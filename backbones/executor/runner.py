@@ -15,7 +15,14 @@ from backbones.contract import MultiExitModel
 from backbones.cost import flops_per_sample
 from backbones.executor.convs import run_steps
 from backbones.executor.plans import BlockPlan, GatedBlockPlan, HeadPlan, plan_stages
-from backbones.exit_rule import accepts, confidence, normalize_thresholds, select_exits
+from backbones.exit_rule import (
+    accepts,
+    confidence,
+    exit_thresholds,
+    normalize_thresholds,
+    select_exits,
+)
+from backbones.inputs import check_finite, prepare_inputs
 
 Thresholds = float | Sequence[float] | Tensor
 
@@ -80,6 +87,7 @@ class DynamicExecutor:
         if model.training:
             raise ValueError("DynamicExecutor needs the model in eval mode; call model.eval()")
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.channels_last = channels_last
         self.num_exits = model.num_exits
         self.gate_mode = model.gate_mode
@@ -106,7 +114,7 @@ class DynamicExecutor:
 
     def run(
         self, x: Tensor, thresholds: Thresholds, measure: str = "max_softmax", *,
-        path: str = "auto",
+        path: str = "auto", check_inputs: bool = True,
     ) -> ExecutorResult:
         """Classify a batch, each sample stopping at its first confident exit.
 
@@ -117,12 +125,22 @@ class DynamicExecutor:
             measure: Confidence measure (``backbones.exit_rule.CONFIDENCE_MEASURES``).
             path: ``auto`` (sliced per-sample execution for ``B == 1``, batched otherwise),
                 ``single`` (requires ``B == 1``) or ``batched``.
+            check_inputs: Check ``x`` with ``backbones.inputs`` (``False``: the caller did,
+                as the engine's ``InputChecker`` does; saves a pass over the input).
 
         Returns:
-            Per-sample predictions, exits, confidences, FLOPs, logits and head inputs.
+            Per-sample predictions, exits, confidences, FLOPs, logits and head inputs (empty
+            for an empty batch).
+
+        Raises:
+            ValueError: ``x`` is not a tensor of shape ``(B, *model.input_size)``, is not
+                floating point (another floating dtype is cast to the model's, see
+                ``backbones.inputs``), or holds NaN or inf values.
         """
-        if x.ndim != 4:
-            raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+        if check_inputs:
+            x = prepare_inputs(x, self.model.input_size, self.dtype)
+            check_finite(x, "fix the data (the engine counts and skips such rows with "
+                            "on_bad_input=skip)")
         if path not in ("auto", "single", "batched"):
             raise ValueError(f"path must be 'auto', 'single' or 'batched', got {path!r}")
         if path == "single" and x.shape[0] != 1:
@@ -134,7 +152,7 @@ class DynamicExecutor:
             return self._run_batched(x, per_exit, measure)
 
     def _thresholds_for(self, thresholds: Thresholds) -> list[Tensor]:
-        """One ``(1,)`` float64 threshold per exit (cached: batch-1 calls are hot)."""
+        """One ``(1,)`` threshold per exit as the rule compares it (cached: batch 1 is hot)."""
         if isinstance(thresholds, (int, float)):
             key: object = float(thresholds)
         elif isinstance(thresholds, Tensor):
@@ -143,7 +161,7 @@ class DynamicExecutor:
             key = tuple(float(t) for t in thresholds)
         cached = self._thresholds.get(key)
         if cached is None:
-            values = normalize_thresholds(thresholds, self.num_exits)
+            values = exit_thresholds(thresholds, self.num_exits)
             cached = (values, [values[k : k + 1] for k in range(self.num_exits)])
             if len(self._thresholds) > 64:
                 self._thresholds.clear()

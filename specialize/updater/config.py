@@ -91,3 +91,4 @@ class UpdaterConfig:
         check_number("weight_decay", self.weight_decay, ge=0)
         check_number("audit_margin", self.audit_margin, ge=0)
         check_number("grad_clip", self.grad_clip, gt=0, optional=True)
+        check_int("seed", self.seed, ge=0)
