@@ -1,6 +1,8 @@
 """Static vs masked reference vs DynamicExecutor: FLOPs ratio, speedup and efficiency.
 
-Runs, side by side in one process on the same Fashion-MNIST test inputs:
+Runs, side by side in one process on the same inputs (Fashion-MNIST test images, or with
+``--dataset tiny_imagenet`` a seeded sample of Tiny-ImageNet's pool split for the cached Lite0
+exits model):
 
 * ``static``: the same architecture without gates (``gating=False``), plain module forward
   computing every exit; its cost is ``exit_info[-1]["flops"]``;
@@ -13,6 +15,10 @@ Runs, side by side in one process on the same Fashion-MNIST test inputs:
 
 ``--channels-last`` also converts the static and reference models (the fair comparison for
 the batched numbers: the plain static model cannot switch layout after its 1-channel stem).
+
+On the Lite0 exits model (``--dataset tiny_imagenet``; no gates) ``static`` is the model's own
+full forward, and ``static-folded`` its executor with no early exit (nothing is folded there:
+timm stages run as they are), so the executor's gain is early exiting alone.
 
 Repeats are interleaved (the order rotates every repeat) and the median wall time is kept.
 ``flops_ratio`` = static FLOPs / executor's mean accounted FLOPs, ``speedup`` = static time /
@@ -67,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gate-mode", default="parallel",
                         help="gate mode of the random model (no checkpoint only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", default=None,
+                        help="data folder (Fashion-MNIST; Tiny-ImageNet: the zip or folder)")
+    parser.add_argument("--dataset", choices=("fashion_mnist", "tiny_imagenet"),
+                        default="fashion_mnist",
+                        help="tiny_imagenet: the cached Lite0 exits model on Tiny-ImageNet")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--save", default=None, help="also write the JSON object to this file")
     parser.add_argument("--no-progress", action="store_true")
@@ -109,6 +119,14 @@ def random_gated_model(gate_mode: str, seed: int) -> MultiExitNet:
 
 def load_models(args: argparse.Namespace) -> tuple[MultiExitNet, MultiExitNet, str, str]:
     """The gated model, its static baseline, and where each came from."""
+    if args.dataset == "tiny_imagenet":
+        path = (Path(args.checkpoint) if args.checkpoint
+                else default_checkpoint_path("tiny_imagenet_lite0.yaml"))
+        if path is None:
+            sys.exit("no cached Lite0 model; run `specialize train "
+                     "configs/backbones/tiny_imagenet_lite0.yaml` first")
+        model, _ = load_checkpoint(path)
+        return model.eval(), model.eval(), str(path), "the same model, every stage and no exit"
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path()
     if path is not None:
         gated, _ = load_checkpoint(path)
@@ -138,16 +156,21 @@ def load_models(args: argparse.Namespace) -> tuple[MultiExitNet, MultiExitNet, s
     return gated.eval(), static.eval(), source, static_source
 
 
-def load_inputs(model: MultiExitNet, count: int, root: str | None) -> tuple[torch.Tensor,
-                                                                           torch.Tensor]:
-    """The first ``count`` Fashion-MNIST test images, transformed for ``model``."""
+def load_inputs(model: MultiExitNet, count: int, root: str | None, dataset: str = "fashion_mnist",
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` test images transformed for ``model``: Fashion-MNIST's first, or a seeded
+    sample of Tiny-ImageNet's pool split (sorted by class, so its first images would be five
+    classes only)."""
+    from specialize.zoo import input_transform
     from streams.datasets import load_dataset
-    from streams.transforms import InputTransform
 
-    data = load_dataset("fashion_mnist", split="test", root=root)
-    channels, height, width = model.input_size
-    transform = InputTransform(data.mean, data.std, in_chans=channels, size=(height, width))
+    split = "pool" if dataset == "tiny_imagenet" else "test"
+    data = load_dataset(dataset, split=split, root=root)
     count = min(count, len(data.labels))
+    if dataset == "tiny_imagenet":
+        order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))
+        data = data.subset(order[:count])
+    transform = input_transform(model, data)
     return transform(data.images[:count]), data.labels[:count]
 
 
@@ -286,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     warn_if_busy(args.threads)
     gated, static, source, static_source = load_models(args)
     inputs, labels = load_inputs(gated, max(args.samples_batch1, args.samples_batched),
-                                 args.data_root)
+                                 args.data_root, args.dataset, args.seed)
     if args.channels_last:
         gated = gated.to(memory_format=torch.channels_last)
         static = static.to(memory_format=torch.channels_last)

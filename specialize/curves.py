@@ -105,9 +105,13 @@ def _check_outcomes(correct: ArrayLike, flops: ArrayLike) -> tuple[np.ndarray, n
     if flops.shape != correct.shape:
         raise ValueError(f"flops has shape {flops.shape} but correct has {correct.shape}")
     if correct.dtype != np.bool_:
-        if not np.isin(correct, (0, 1)).all():
-            raise ValueError("correct must be bool (or 0/1): whether exit k got sample i right")
-        correct = correct.astype(bool)
+        if np.isin(correct, (0, 1)).all():
+            correct = correct.astype(bool)
+        elif not (np.isfinite(correct).all() and (correct >= 0).all() and (correct <= 1).all()):
+            raise ValueError("correct must be bool (whether exit k got sample i right) or a "
+                             "probability in [0, 1] (its expected correctness)")
+        else:
+            correct = correct.astype(np.float64)
     if np.issubdtype(flops.dtype, np.integer) or flops.dtype == np.bool_:
         return correct, flops.astype(np.int64)
     flops = flops.astype(np.float64)
@@ -123,7 +127,8 @@ def as_exit_arrays(
 
     Args:
         confidence: Confidence of every exit (finite).
-        correct: Whether each exit is right (bool or 0/1).
+        correct: Whether each exit is right (bool or 0/1), or its expected correctness, a
+            probability in [0, 1] (label-free estimates).
         flops: Cost of answering at each exit.
 
     Returns:
@@ -259,13 +264,14 @@ def _exact_shared_sweep(
     order = np.argsort(-early[rows, cols], kind="stable")
     rows, cols, moves_from = rows[order], cols[order], moves_from[order]
     values = early[rows, cols]
-    d_correct = correct[rows, cols].astype(np.int64) - correct[rows, moves_from]
+    counts = np.int64 if correct.dtype == np.bool_ else np.float64  # exact sums of bools
+    d_correct = correct[rows, cols].astype(counts) - correct[rows, moves_from]
     d_flops = flops[rows, cols] - flops[rows, moves_from]
 
     # Descending thresholds from +inf (every sample at the last exit); one point per distinct
     # value, taken after all records >= that value have moved; then reversed to ascending.
     last_of_group = np.flatnonzero(np.append(values[1:] != values[:-1], True))
-    base_correct, base_flops = correct[:, -1].sum(dtype=np.int64), flops[:, -1].sum()
+    base_correct, base_flops = correct[:, -1].sum(dtype=counts), flops[:, -1].sum()
     thresholds = np.concatenate(([np.inf], values[last_of_group]))[::-1]
     correct_count = base_correct + np.concatenate(([0], np.cumsum(d_correct)[last_of_group]))
     total_flops = base_flops + np.concatenate(([0], np.cumsum(d_flops)[last_of_group]))
@@ -454,3 +460,38 @@ def _safe_ratio(numerator: float, denominator: float) -> float:
     if math.isnan(numerator) or math.isnan(denominator) or denominator <= 0:
         return math.nan
     return numerator / denominator
+
+
+def drop_standard_error(
+    confidence: ArrayLike, correct: ArrayLike, flops: ArrayLike,
+    thresholds: ArrayLike | None = None,
+) -> np.ndarray:
+    """Standard error (points) of the accuracy drop against the last exit, per sweep point.
+
+    The drop of sample ``i`` is ``d_i = correct_i,last - correct_i,exit(i)``; its mean over the
+    set is what :func:`sweep`'s accuracy gives as ``last exit's accuracy - accuracy``. The
+    standard error of that mean, ``std(d) / sqrt(N)``, follows from three sweeps of the same
+    thresholds (sums of ``c``, ``c**2`` and ``c * c_last`` at each sample's exit), so it is
+    exact for every point, aligned with ``sweep(confidence, correct, flops, thresholds)``.
+
+    Args:
+        confidence: ``(N, K)`` confidence of every exit.
+        correct: ``(N, K)`` correctness, bool or expected (probabilities).
+        flops: ``(N, K)`` cost of answering at each exit.
+        thresholds: As for :func:`sweep`.
+
+    Returns:
+        ``(P,)`` standard errors in points (100 x the fraction).
+    """
+    confidence, correct, flops = as_exit_arrays(confidence, correct, flops)
+    c = correct.astype(np.float64)
+    last = c[:, -1:]
+    n = c.shape[0]
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return sweep(confidence, values, flops, thresholds).accuracy * n / 100.0
+
+    sum_d = last.sum() - total(c)
+    sum_d2 = (last**2).sum() - 2.0 * total(c * last) + total(c**2)
+    variance = np.maximum(sum_d2 / n - (sum_d / n) ** 2, 0.0)
+    return 100.0 * np.sqrt(variance / n)

@@ -22,7 +22,13 @@ from backbones.exit_rule import (
     select_exits,
 )
 from configkit import ConfigError, check_choice, check_fields
-from specialize.curves import ArrayLike, CurvePoints, as_exit_arrays, sweep
+from specialize.curves import (
+    ArrayLike,
+    CurvePoints,
+    as_exit_arrays,
+    drop_standard_error,
+    sweep,
+)
 
 __all__ = [
     "CONFIDENCE_MEASURES",
@@ -132,8 +138,9 @@ def calibrate_thresholds(
     shared: bool = True,
     num_candidates: int = 32,
     max_rounds: int = 4,
+    bound: float = 0.0,
 ) -> CalibrationResult:
-    """Choose exit thresholds on a labelled calibration split.
+    """Choose exit thresholds on a labelled calibration split, or on label-free estimates.
 
     Targets:
 
@@ -152,6 +159,13 @@ def calibrate_thresholds(
     improves the objective, and repeat for up to ``max_rounds`` rounds or until no exit
     changes. The result is never worse than the shared optimum on the calibration split.
 
+    ``correct`` may hold expected correctness (probabilities) instead of labels: the budget
+    controller (:mod:`specialize.operating_point`) passes the calibrated final exit's belief
+    in each exit's answer on audited samples. With ``bound > 0`` the drop must hold with
+    margin: target ``"accuracy"`` then requires ``drop + bound * standard error <= max_drop``
+    (:func:`specialize.curves.drop_standard_error`; ``bound=1.645`` is a one-sided 95 %
+    upper confidence bound).
+
     Args:
         confidence: ``(N, K)`` confidence of every exit, under the measure the policy uses.
         correct: ``(N, K)`` bool, whether each exit is right.
@@ -162,18 +176,22 @@ def calibrate_thresholds(
         shared: One threshold for all early exits (exact), or per-exit thresholds (greedy).
         num_candidates: Quantiles tried per exit and round when ``shared=False``.
         max_rounds: Rounds of coordinate search when ``shared=False``.
+        bound: Standard errors added to the estimated drop before comparing it with
+            ``max_drop`` (target ``"accuracy"``; 0: the estimate itself).
 
     Returns:
-        The thresholds and their accuracy and mean FLOPs on the calibration split.
+        The thresholds and their (estimated) accuracy and mean FLOPs on the calibration split.
 
     Raises:
         ValueError: Unknown ``target``, conflicting or missing arguments, or a FLOPs budget
             below the cheapest operating point.
     """
     _check_calibration_args(target, max_drop, flops_budget)
+    if not bound >= 0:
+        raise ValueError(f"bound must be >= 0 standard errors, got {bound}")
     conf, correct, flops = as_exit_arrays(confidence, correct, flops)
-    objective = _Objective.build(target, correct, max_drop, flops_budget)
-    curve = sweep(conf, correct, flops)
+    objective = _Objective.build(target, correct, max_drop, flops_budget, bound)
+    curve = objective.points(conf, correct, flops)
     if not objective.feasible(curve).any():
         raise ValueError(
             f"flops_budget {flops_budget:g} is below the cheapest operating point "
@@ -211,15 +229,26 @@ class _Objective:
 
     target: str
     limit: float  # minimum accuracy (%) or maximum mean FLOPs
+    bound: float = 0.0  # standard errors of the drop subtracted from accuracy (target accuracy)
 
     @classmethod
     def build(
-        cls, target: str, correct: np.ndarray, max_drop: float, flops_budget: float | None
+        cls, target: str, correct: np.ndarray, max_drop: float, flops_budget: float | None,
+        bound: float = 0.0,
     ) -> _Objective:
         if target == "flops":
             return cls(target, float(flops_budget))
         final_accuracy = 100.0 * correct[:, -1].sum() / len(correct)
-        return cls(target, final_accuracy - max_drop - _ACCURACY_EPS)
+        return cls(target, final_accuracy - max_drop - _ACCURACY_EPS, bound)
+
+    def points(self, confidence: np.ndarray, correct: np.ndarray, flops: np.ndarray,
+               thresholds: np.ndarray | None = None) -> CurvePoints:
+        """The sweep points the objective ranks: accuracy lowered by ``bound`` std errors."""
+        points = sweep(confidence, correct, flops, thresholds)
+        if self.bound and self.target == "accuracy":
+            margin = self.bound * drop_standard_error(confidence, correct, flops, thresholds)
+            points = CurvePoints(points.thresholds, points.accuracy - margin, points.flops)
+        return points
 
     def feasible(self, points: CurvePoints) -> np.ndarray:
         if self.target == "flops":
@@ -258,7 +287,7 @@ def _coordinate_search(
 ) -> np.ndarray:
     """Greedy per-exit refinement of ``thresholds`` (one per early exit), see the caller."""
     thresholds = thresholds.copy()
-    current = sweep(confidence, correct, flops, thresholds[None])
+    current = objective.points(confidence, correct, flops, thresholds[None])
     best_score = objective.score(current, 0)
     for _ in range(max_rounds):
         improved = False
@@ -266,7 +295,7 @@ def _coordinate_search(
             values = _candidates(confidence[:, k], num_candidates)
             trials = np.repeat(thresholds[None], len(values), axis=0)
             trials[:, k] = values
-            points = sweep(confidence, correct, flops, trials)
+            points = objective.points(confidence, correct, flops, trials)
             index = objective.best_index(points, values)
             if objective.score(points, index) > best_score:
                 thresholds, best_score = trials[index], objective.score(points, index)
