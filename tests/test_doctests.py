@@ -16,7 +16,8 @@ import streams.datasets
 
 # Packages whose every module is run through doctest, and single modules.
 PACKAGES = (configkit, specialize.drift, specialize.updater, streams.datasets)
-SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "streams.transforms"]
+SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "specialize.calibration",
+                  "streams.transforms"]
 # Modules that must hold at least one example (deleting one fails the test, too).
 MUST_HAVE_EXAMPLES = {
     "specialize.drift.base",
@@ -26,6 +27,7 @@ MUST_HAVE_EXAMPLES = {
     "specialize.updater.health",
     "specialize.updater.prior",
     "backbones.pretrained",
+    "specialize.calibration",
     "streams.datasets.base",
     "streams.datasets.registry",
     "streams.datasets.synthetic",
