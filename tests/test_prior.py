@@ -52,7 +52,7 @@ def test_an_absent_class_fades_within_the_window():
 def test_prior_pseudo_labels_teach_other_targets(base, shapes):
     # a stream whose answers lean to classes 0 and 1: the prior relabels doubtful samples
     stream = batches(shapes, 8, batch=32, exit_index=torch.full((32,), 3))
-    for features, _, logits, _ in stream:
+    for _features, _, logits, _ in stream:
         logits[:, :2] += 1.0
     plain = HeadUpdater(copy.deepcopy(base), fast_config())
     prior = HeadUpdater(copy.deepcopy(base), fast_config(pseudo_label="prior"))
