@@ -115,7 +115,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_
         proc = subprocess.Popen(command(setup, out, state), env=child_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kills < len(targets) and wait_for_saves(
-                proc, state / STATE_FILE, lambda path: progress(path) >= targets[kills]):
+                proc, state / STATE_FILE, lambda path, goal=targets[kills]: progress(path) >= goal):
             time.sleep(rng.uniform(0.0, 0.02))  # land anywhere: in a step, a save, the report
             proc.kill()
             proc.communicate()

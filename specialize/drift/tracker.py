@@ -114,9 +114,10 @@ class ClassCostTracker:
     true class as well, in separate statistics. Windows are tumbling: a window closes after
     ``window`` samples (a micro-batch that crosses the boundary is split) and its summary is
     appended to :meth:`history`. When the history would exceed ``max_windows`` entries, two
-    adjacent entries are merged into one: the pair whose wider entry is narrowest, the
-    oldest such pair on ties (on a regular stream: the oldest two windows of the finest
-    width), so spans grow with age like an exponential histogram.
+    adjacent entries are merged into one: the oldest adjacent pair of equal span, the finest
+    such span first (as in an exponential histogram: recent windows stay at full resolution,
+    spans double with age); without two adjacent entries of equal span, the adjacent pair
+    of the smallest total span.
 
     A baseline (the state before specialization) can be stored with :meth:`freeze_baseline`,
     or taken from another tracker (e.g. a frozen model's run) with :meth:`set_baseline`;
@@ -256,8 +257,7 @@ class ClassCostTracker:
     def _coarsen(self) -> None:
         """Merge adjacent history entries until at most ``max_windows`` remain."""
         while len(self._history) > self.max_windows:
-            spans = [entry["end"] - entry["start"] for entry in self._history]
-            index = min(range(len(spans) - 1), key=lambda i: (max(spans[i], spans[i + 1]), i))
+            index = _pair_to_merge([entry["end"] - entry["start"] for entry in self._history])
             first, second = self._history[index], self._history[index + 1]
             self._history[index : index + 2] = [_merge_entries(first, second)]
 
@@ -462,6 +462,15 @@ def _class_means(stats: _ClassStats, suffix: str) -> dict[str, dict[int, float |
         f"mean_flops{suffix}": {int(c): float(m) for c, m in zip(seen, means, strict=True)},
         f"counts{suffix}": {int(c): int(stats.counts[c]) for c in seen},
     }
+
+
+def _pair_to_merge(spans: list[int]) -> int:
+    """Index of the first entry of the adjacent pair to merge (see ``ClassCostTracker``)."""
+    pairs = range(len(spans) - 1)
+    equal = [i for i in pairs if spans[i] == spans[i + 1]]
+    if equal:
+        return min(equal, key=lambda i: (spans[i], i))
+    return min(pairs, key=lambda i: (spans[i] + spans[i + 1], i))
 
 
 def _merge_entries(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
