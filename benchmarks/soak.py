@@ -57,33 +57,31 @@ class SoakProbe:
     """Step hook on the evaluation side: one :class:`Block` every ``every`` samples."""
 
     def __init__(self, labels, updater, every: int) -> None:
-        self.labels = labels
+        from specialize.summarize import OnlineScore
+
+        self.score = OnlineScore(labels)
         self.updater = updater
         self.every = every
-        self.position = 0
-        self.correct = 0
         self.blocks: list[Block] = []
         self._clock = time.perf_counter()
-        self._block_start = 0
+        self._block_start = (0, 0)  # position, correct
 
     def on_step(self, output) -> None:
-        count = int(output.pred.shape[0])
-        truth = self.labels[self.position: self.position + count]
-        self.correct += int(((output.pred == truth) & output.valid).sum())
-        self.position += count
-        if self.position - self._block_start >= self.every:
+        self.score.on_step(output)
+        if self.score.position - self._block_start[0] >= self.every:
             self._close_block()
 
     def _close_block(self) -> None:
         now = time.perf_counter()
-        size = self.position - self._block_start
+        size = self.score.position - self._block_start[0]
         stats = self.updater.stats()
         self.blocks.append(Block(
-            samples=self.position, rss_mb=rss_mb(),
+            samples=self.score.position, rss_mb=rss_mb(),
             samples_per_second=size / max(now - self._clock, 1e-9),
-            accuracy=100.0 * self.correct / size, published=int(stats["published"]),
-            dropped=int(stats["dropped"]), error=stats["error"]))
-        self._clock, self._block_start, self.correct = now, self.position, 0
+            accuracy=100.0 * (self.score.correct - self._block_start[1]) / size,
+            published=int(stats["published"]), dropped=int(stats["dropped"]),
+            error=stats["error"]))
+        self._clock, self._block_start = now, (self.score.position, self.score.correct)
 
 
 def run(length: int, every: int, scenario: str, threads: int | None) -> dict[str, Any]:

@@ -169,6 +169,12 @@ class _RecordBuffer:
         return self._data[name][: self.size]
 
 
+def _record_property(name: str, doc: str) -> property:
+    """A read-only view of one per-sample record (raises when records were not kept)."""
+    return property(lambda self: self._record(name),
+                    doc=f"{doc} Needs ``keep_records=True``.")
+
+
 class EngineResult:
     """What the engine produced over a run: running aggregates, and per-sample records.
 
@@ -246,30 +252,11 @@ class EngineResult:
                              "with keep_records=True (the aggregates are always there)")
         return self._records.get(name)
 
-    @property
-    def pred(self) -> Tensor:
-        """Predicted class per sample ``(N,)`` (-1: skipped); needs ``keep_records``."""
-        return self._record("pred")
-
-    @property
-    def exit_index(self) -> Tensor:
-        """Answering exit per sample ``(N,)`` (-1: skipped); needs ``keep_records``."""
-        return self._record("exit_index")
-
-    @property
-    def confidence(self) -> Tensor:
-        """Confidence of the answering exit per sample ``(N,)``; needs ``keep_records``."""
-        return self._record("confidence")
-
-    @property
-    def flops(self) -> Tensor:
-        """FLOPs spent per sample ``(N,)``; needs ``keep_records``."""
-        return self._record("flops")
-
-    @property
-    def valid(self) -> Tensor:
-        """Whether each sample was processed ``(N,)`` bool; needs ``keep_records``."""
-        return self._record("valid")
+    pred = _record_property("pred", "Predicted class per sample ``(N,)`` (-1: skipped).")
+    exit_index = _record_property("exit_index", "Answering exit per sample ``(N,)`` (-1: skipped).")
+    confidence = _record_property("confidence", "Confidence of the answering exit ``(N,)``.")
+    flops = _record_property("flops", "FLOPs spent per sample ``(N,)``.")
+    valid = _record_property("valid", "Whether each sample was processed ``(N,)`` bool.")
 
     def state_dict(self) -> dict[str, Any]:
         """The aggregates (plain values; the records are not part of the state)."""
