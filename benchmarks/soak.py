@@ -5,8 +5,9 @@ Runs the default Fashion-MNIST model over the tops scenario stretched to ``--len
 run`` does (executor, drift tracker and alarm, no per-sample records), and every ``--every``
 samples (10,000) records the process's resident memory (VmRSS), the throughput of the block,
 the head publications so far, samples dropped from a full queue, online accuracy (scored on
-the evaluation side) and the updater's error. The stream's pool is the held-out split's tops
-(2,000 images), so a long stream repeats each image about length / 2,000 times.
+the evaluation side) and the updater's error. The stream draws from the tops of the
+Fashion-MNIST test split that are not held out for evaluation (2,000 images), so a long
+stream repeats each image about length / 2,000 times; the report says how often.
 
 Goals: RSS growth after the first block <= 100 MB; throughput of the last block within 10 % of
 the second block's; no updater error. Exit code 1 if a goal is missed.
@@ -108,9 +109,9 @@ def run(length: int, every: int, scenario: str, threads: int | None) -> dict[str
     started = time.perf_counter()
     result = serve_stream(specializer, stream, config, keep_records=False)
     seconds = time.perf_counter() - started
-    pool = len(set(stream.evaluator().indices.tolist()))
-    return {"scenario": stream.name, "length": length, "every": every, "pool_size": pool,
-            "repeats_per_image": length / pool, "checkpoint": str(checkpoint),
+    distinct = len(set(stream.evaluator().indices.tolist()))
+    return {"scenario": stream.name, "length": length, "every": every,
+            "distinct_images": distinct, "repeats_per_image": length / distinct, "checkpoint": str(checkpoint),
             "rss_before_stream_mb": start_rss, "seconds": seconds,
             "samples_per_second": result.samples_per_second,
             "alarms": specializer.alarm_hook.count if specializer.alarm_hook else 0,
@@ -141,8 +142,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"soak: {report['scenario']}, {report['length']:,} samples, async updater, "
         f"{report['checkpoint']}",
-        f"the stream draws from a pool of {report['pool_size']:,} images, so each repeats "
-        f"about {report['repeats_per_image']:.0f} times",
+        f"the stream shows {report['distinct_images']:,} distinct images (the scenario's "
+        f"pool), each about {report['repeats_per_image']:.0f} times",
         f"RSS before the stream: {report['rss_before_stream_mb']:.1f} MB; "
         f"{report['seconds'] / 60:.1f} min, {report['samples_per_second']:.1f} samples/s overall; "
         f"drift alarms: {report['alarms']}; updater: {report['updater']}",
