@@ -111,7 +111,8 @@ def run(length: int, every: int, scenario: str, threads: int | None) -> dict[str
     seconds = time.perf_counter() - started
     distinct = len(set(stream.evaluator().indices.tolist()))
     return {"scenario": stream.name, "length": length, "every": every,
-            "distinct_images": distinct, "repeats_per_image": length / distinct, "checkpoint": str(checkpoint),
+            "distinct_images": distinct, "repeats_per_image": length / distinct,
+            "checkpoint": str(checkpoint),
             "rss_before_stream_mb": start_rss, "seconds": seconds,
             "samples_per_second": result.samples_per_second,
             "alarms": specializer.alarm_hook.count if specializer.alarm_hook else 0,
