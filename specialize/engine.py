@@ -357,7 +357,7 @@ class Engine:
     def run(self, inputs: Iterable[Tensor], *, total: int | None = None,
             progress: bool = True, desc: str = "stream", keep_records: bool = True,
             result: EngineResult | None = None,
-            stop_when: Callable[[], bool] | None = None) -> EngineResult:
+            stop_when: Callable[[], bool] | None = None, bar: Any = None) -> EngineResult:
         """Process every batch of ``inputs``; memory stays constant unless records are kept.
 
         Each step's full output goes to the hooks and is then dropped: only the result's
@@ -371,6 +371,8 @@ class Engine:
             keep_records: Keep per-sample records (ignored when ``result`` is given).
             result: Accumulate into this result (to continue a run) instead of a new one.
             stop_when: Checked after every step; ``True`` stops before the next batch.
+            bar: An open tqdm bar to advance instead of a new one (``total``, ``progress``
+                and ``desc`` are then not used).
 
         Returns:
             The result (``result`` itself when given).
@@ -382,8 +384,9 @@ class Engine:
         if result is None:
             result = EngineResult(self.model.num_exits, keep_records=keep_records)
         start = time.perf_counter()
-        with tqdm(total=total, desc=desc, unit="sample", disable=not progress,
-                  mininterval=0.5) as bar:
+        with contextlib.nullcontext(bar) if bar is not None else tqdm(
+                total=total, desc=desc, unit="sample", disable=not progress,
+                mininterval=0.5) as bar:
             for x in inputs:
                 result.add(self.step(x))
                 bar.update(x.shape[0])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from backbones import MultiExitModel
 from backbones.checkpoint import atomic_torch_save
@@ -152,21 +153,22 @@ class Specializer:
         if result is None:
             result = EngineResult(self.model.num_exits, keep_records=keep_records)
         label = desc or f"{getattr(stream, 'name', 'stream')}"
-        while self.position < stop:
-            end = stop if not save_every else min(
-                (self.position // save_every + 1) * save_every, stop)
-            seen = result.samples
-            inputs = stream.inputs(batch_size=batch_size, start=self.position, stop=end)
-            self.engine.run(inputs, total=end - self.position, progress=progress, desc=label,
-                            result=result, stop_when=should_stop)
-            self.position += result.samples - seen
-            if self.updater is not None:
-                self.updater.flush()
-            stopping = should_stop is not None and should_stop()
-            if on_save is not None and (save_every is not None or stopping):
-                on_save()
-            if stopping:
-                break
+        with tqdm(total=max(stop - self.position, 0), desc=label, unit="sample",
+                  disable=not progress, mininterval=0.5) as bar:
+            while self.position < stop:
+                end = stop if not save_every else min(
+                    (self.position // save_every + 1) * save_every, stop)
+                seen = result.samples
+                inputs = stream.inputs(batch_size=batch_size, start=self.position, stop=end)
+                self.engine.run(inputs, result=result, stop_when=should_stop, bar=bar)
+                self.position += result.samples - seen
+                if self.updater is not None:
+                    self.updater.flush()
+                stopping = should_stop is not None and should_stop()
+                if on_save is not None and (save_every is not None or stopping):
+                    on_save()
+                if stopping:
+                    break
         return result
 
     def close(self) -> None:
