@@ -155,13 +155,14 @@ class RunConfig:
     # folder of the run's saved state (crash-safe runs): the same command resumes from it;
     # None: nothing is saved
     state: str | None = None
-    # with state: save every this many samples of a replay (a multiple of engine.batch_size)
-    save_every: int = 1000
+    # with state: save every this many samples of a replay, a multiple of engine.batch_size
+    # (None: the multiple closest to 1000)
+    save_every: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)  # every section is built from its mapping and checks itself
-        check_int("save_every", self.save_every, ge=1)
-        if self.save_every % self.engine.batch_size:
+        check_int("save_every", self.save_every, ge=1, optional=True)
+        if self.save_every is not None and self.save_every % self.engine.batch_size:
             raise ConfigError(f"save_every: must be a multiple of engine.batch_size "
                               f"({self.engine.batch_size}) so that a resumed run sees the same "
                               f"batches, got {self.save_every}")
@@ -169,6 +170,14 @@ class RunConfig:
         if scenario.holdout_fraction == 0:
             raise ConfigError(f"scenario.holdout_fraction: must be > 0 for a run (the curves "
                               f"are measured on held-out samples), got {scenario.holdout_fraction}")
+
+    @property
+    def save_interval(self) -> int:
+        """Samples between saves of a replay: ``save_every``, or about 1000 samples."""
+        if self.save_every is not None:
+            return self.save_every
+        batch = self.engine.batch_size
+        return max(round(1000 / batch), 1) * batch
 
     @property
     def dataset(self) -> str:
@@ -403,7 +412,8 @@ def _replay(model, stream: Stream, config: RunConfig, session: RunSession, *,
                                      "result": result.state_dict(),
                                      "score": score.state_dict()})
 
-    persistent = {"save_every": config.save_every, "on_save": save} if session.persistent else {}
+    persistent = ({"save_every": config.save_interval, "on_save": save} if session.persistent
+                  else {})
     with session.deferred():
         serve_stream(specializer, stream, config, name.removeprefix("stream_"), result=result,
                      should_stop=session.stop_requested, **persistent)

@@ -193,3 +193,13 @@ def test_runtime_fields_do_not_count_as_another_run(saved_state, tmp_path):
     assert main([*saved_state["args"], "save_every=7", "progress=true",
                  f"out={tmp_path / 'elsewhere'}"]) == 0
     assert (tmp_path / "elsewhere" / "summary.json").exists()
+
+
+def test_save_points_keep_the_batches_of_an_uninterrupted_run():
+    from configkit import ConfigError
+    from specialize.run import load_run_config
+
+    assert load_run_config("tops", ["engine.batch_size=64"]).save_interval == 1024
+    assert load_run_config("tops", ["engine.batch_size=8", "save_every=40"]).save_interval == 40
+    with pytest.raises(ConfigError, match="save_every: must be a multiple of engine.batch_size"):
+        load_run_config("tops", ["engine.batch_size=64", "save_every=100"])
