@@ -12,17 +12,18 @@ loads with ``torch.load(weights_only=True)`` (no pickled code is ever executed):
     optimizer, scheduler     their state_dicts, for resuming (None in exported files)
     data                     what the model was trained on: name, mean, std, class_names
 
-Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
-crash never leaves a half-written checkpoint under the final name.
+Files are written atomically (:func:`atomic_write`: a temporary file in the same folder,
+fsync, ``os.replace``, folder fsync), so a crash never leaves a half-written checkpoint under
+the final name.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -91,22 +92,58 @@ def save_checkpoint(
     return atomic_torch_save(payload, path)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` into a temporary file in the destination folder, then ``os.replace``."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file so that a crash leaves either the old version or the new one, whole.
+
+    ``write`` fills a temporary file in the destination folder; the file is flushed and
+    fsynced, renamed over ``path`` (``os.replace``, atomic on POSIX), and the folder is
+    fsynced so that the rename itself survives a power loss. The file gets the usual
+    permissions (``0o666`` minus the umask). The one atomic-write routine of the project.
+
+    Args:
+        path: Destination file; its folder is created if needed.
+        write: Writes the content into the binary file object it is given.
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a folder's entries (a rename); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened (nor need to be)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -444,11 +444,11 @@ def specialize_on(model: torch.nn.Module, stream, config) -> dict[str, Any]:
 
     updater = HeadUpdater(model, config.updater)
     specializer = build_specializer(model, config, updater)
-    result = serve_stream(specializer, stream, config)
+    result = serve_stream(specializer, stream, config, keep_records=False)
     stats = updater.stats()
     return {"updates": stats.get("updates"), "rollbacks": stats.get("rollbacks"),
             "alarms": specializer.alarm_hook.alarms if specializer.alarm_hook else [],
-            "samples_per_second": len(result.pred) / max(result.seconds, 1e-9)}
+            "samples_per_second": result.samples_per_second}
 
 
 def _stream(config, model: torch.nn.Module):

@@ -128,6 +128,26 @@ def heads_state(model: MultiExitModel) -> dict[str, Any]:
     return {"heads": state, "anchor_weights": weights}
 
 
+def serve_heads_state(model: MultiExitModel, state: dict[str, Any]) -> None:
+    """Serve what :func:`heads_state` saved: anchor as it says, then load the heads.
+
+    ``model`` must serve its original heads (or be anchored on them already): each anchored
+    head's frozen part is a copy of the head it wraps now.
+
+    Args:
+        model: The model whose heads to set.
+        state: A :func:`heads_state` result.
+    """
+    weights = state["anchor_weights"]
+    if weights:
+        anchor_heads(model, next(iter(weights.values())))
+    for index, head in enumerate(model.heads):
+        target = head.spec if isinstance(head, AnchoredHead) else head
+        prefix = f"{index}."
+        target.load_state_dict({key[len(prefix):]: value for key, value in state["heads"].items()
+                                if key.startswith(prefix)})
+
+
 def is_anchored(model: MultiExitModel) -> bool:
     """Whether any head of ``model`` is an :class:`AnchoredHead`."""
     return any(isinstance(head, AnchoredHead) for head in model.heads)

@@ -8,6 +8,12 @@ from collections.abc import Sequence
 
 from configkit import ConfigError
 
+# exit codes of the `specialize` command (README, "Commands")
+EXIT_ERROR = 1  # a run failed (e.g. training diverged)
+EXIT_USAGE = 2  # bad arguments, config, input or saved state
+EXIT_UPDATER_FAILED = 3  # the run finished, but its background updater failed
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # interrupted (a run with state=DIR saved it first)
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (e.g. configs/scenarios/footwear.yaml)")
@@ -85,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             prepare_model(config, out, resume=resume, progress=not args.no_progress)
         except NonFiniteLossError as err:
             print(f"specialize: error: {err}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
     if os.environ.get("RANK", "0") != "0":
         return 0
     meta = read_checkpoint(out)
@@ -111,7 +117,10 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
         "scenario file (configs/scenarios/*.yaml; defaults fill in model, policy and updater). "
         "Dotted overrides reach every field (updater.mode=async policy.thresholds=0.8); a "
         "scenario's own fields are overridable by their plain names (classes=[2,4,6] seed=3 "
-        "length=2000); out=DIR chooses the run folder.",
+        "length=2000); out=DIR chooses the run folder. state=DIR saves the whole run every "
+        "save_every=N samples and at SIGINT/SIGTERM; the same command resumes it. Exit codes: 0 "
+        "done, 1 failed, 2 bad config/input/state, 3 done but the background updater failed, "
+        "130/143 interrupted by SIGINT/SIGTERM.",
     )
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     run.set_defaults(handler=_cmd_run)
@@ -144,13 +153,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from specialize.report import to_jsonable
     from specialize.run import headline, load_run_config, run_experiment
+    from specialize.run_state import RunInterrupted
 
     config = load_run_config(args.config, args.overrides)
-    summary, out_dir = run_experiment(config)
+    try:
+        summary, out_dir = run_experiment(config)
+    except RunInterrupted as stop:
+        print(f"specialize: {stop}", file=sys.stderr)
+        return stop.exit_code
     if getattr(args, "json", False):
         print(json.dumps(to_jsonable(summary)))
     else:
         print(headline(summary, out_dir))
+    if summary.updater is not None and summary.updater.error:
+        print(f"specialize: error: the background updater failed ({summary.updater.error}); "
+              f"see {out_dir / 'report.md'}", file=sys.stderr)
+        return EXIT_UPDATER_FAILED
     return 0
 
 
@@ -234,9 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. head
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        print("specialize: interrupted (SIGINT)", file=sys.stderr)
+        return EXIT_SIGINT
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"specialize: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

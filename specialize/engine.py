@@ -8,7 +8,7 @@ compute per predicted class. The engine never sees labels: streams hand it input
 
 Bad inputs (checked by :class:`InputChecker` before anything runs; ``backbones.inputs``):
 
-==========================================  ===========================  =====================
+==========================================  ===========================  ==============
 input                                       ``on_bad_input=error``       ``on_bad_input=skip``
 ==========================================  ===========================  =====================
 rows with NaN or inf values                 ``ValueError`` naming the    those rows skipped:
@@ -27,13 +27,17 @@ Another floating dtype is cast rather than refused, since float32 is the precisi
 computes in anyway (float16 converts exactly; float64 values beyond float32's range become
 inf, so their rows count as non-finite). An empty batch has nothing to run, skip or learn.
 Skipped rows reach the hooks marked invalid, and the updater never observes them.
+=======
+Memory is set by configuration, never by stream length: a step's output (feature maps
+included) lives until its hooks have seen it; after that only running aggregates survive,
+plus a few numbers per sample when records are asked for (:class:`EngineResult`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -163,26 +167,137 @@ def make_step_fn(model: MultiExitModel, executor: bool):
         return reference_step
 
 
-@dataclass
-class EngineResult:
-    """Per-sample records of a run, concatenated over steps (tensors of length N)."""
+_RECORD_DTYPES = {"pred": torch.long, "exit_index": torch.long, "confidence": torch.float32,
+                  "flops": torch.long, "valid": torch.bool}
 
-    pred: Tensor
-    exit_index: Tensor
-    confidence: Tensor
-    flops: Tensor
-    valid: Tensor
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+class _RecordBuffer:
+    """Growable per-sample records (29 bytes a sample), doubling capacity as needed."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._data = {name: torch.empty(0, dtype=dtype) for name, dtype in _RECORD_DTYPES.items()}
+
+    def append(self, values: dict[str, Tensor]) -> None:
+        count = values["valid"].shape[0]
+        capacity = self._data["valid"].shape[0]
+        if self.size + count > capacity:
+            capacity = max(2 * capacity, self.size + count, 1024)
+            for name, old in self._data.items():
+                grown = torch.empty(capacity, dtype=old.dtype)
+                grown[: self.size] = old[: self.size]
+                self._data[name] = grown
+        for name, data in self._data.items():
+            data[self.size : self.size + count] = values[name]
+        self.size += count
+
+    def get(self, name: str) -> Tensor:
+        return self._data[name][: self.size]
+
+
+def _record_property(name: str, doc: str) -> property:
+    """A read-only view of one per-sample record (raises when records were not kept)."""
+    return property(lambda self: self._record(name),
+                    doc=f"{doc} Needs ``keep_records=True``.")
+
+
+class EngineResult:
+    """What the engine produced over a run: running aggregates, and per-sample records.
+
+    The aggregates (samples, skipped samples, FLOPs, exit histogram, seconds) are always kept
+    and take constant memory. Per-sample records (``pred``, ``exit_index``, ``confidence``,
+    ``flops``, ``valid``: 29 bytes a sample, nothing else of a step is kept) exist only with
+    ``keep_records=True``; an unbounded stream runs with ``keep_records=False``.
+
+    Args:
+        num_exits: Exits of the model (length of the exit histogram).
+        keep_records: Keep the per-sample records.
+
+    Attributes:
+        samples: Samples seen, skipped ones included.
+        skipped: Samples skipped as invalid.
+        flops_sum: FLOPs spent over the valid samples (exact: an int for the engine's int64
+            FLOPs; a multiply-add counts 2).
+        seconds: Wall-clock seconds of the engine steps.
+        extra: Free-form values a caller attaches.
+    """
+
+    def __init__(self, num_exits: int, *, keep_records: bool = True) -> None:
+        self.num_exits = int(num_exits)
+        self.samples = 0
+        self.skipped = 0
+        self.flops_sum = 0
+        self.seconds = 0.0
+        self.extra: dict[str, Any] = {}
+        self._exit_counts = torch.zeros(self.num_exits, dtype=torch.long)
+        self._records = _RecordBuffer() if keep_records else None
 
     @property
-    def skipped(self) -> int:
-        """Number of inputs skipped as invalid."""
-        return int((~self.valid).sum())
+    def keeps_records(self) -> bool:
+        """Whether per-sample records are kept."""
+        return self._records is not None
 
-    def exit_histogram(self, num_exits: int) -> list[int]:
+    def add(self, output: StepOutput) -> None:
+        """Fold one step's output into the aggregates (and the records, when kept)."""
+        valid = output.valid
+        count = int(valid.shape[0])
+        answered = int(valid.sum())
+        self.samples += count
+        self.skipped += count - answered
+        exits = output.exit_index[valid] if answered < count else output.exit_index
+        flops = output.flops[valid] if answered < count else output.flops
+        self.flops_sum += flops.sum().item()
+        self._exit_counts += torch.bincount(exits, minlength=self.num_exits)
+        if self._records is not None:
+            self._records.append({name: getattr(output, name) for name in _RECORD_DTYPES})
+
+    @property
+    def answered(self) -> int:
+        """Valid samples (those the model answered)."""
+        return self.samples - self.skipped
+
+    @property
+    def mean_flops(self) -> float:
+        """Mean FLOPs per valid sample (NaN when none was valid)."""
+        return self.flops_sum / self.answered if self.answered else float("nan")
+
+    @property
+    def samples_per_second(self) -> float:
+        """Throughput over the engine steps (skipped samples included)."""
+        return self.samples / max(self.seconds, 1e-9)
+
+    def exit_histogram(self, num_exits: int | None = None) -> list[int]:
         """Count of samples answered at each exit (skipped inputs excluded)."""
-        return torch.bincount(self.exit_index[self.valid], minlength=num_exits).tolist()
+        counts = self._exit_counts.tolist()
+        width = self.num_exits if num_exits is None else num_exits
+        return counts + [0] * (width - len(counts))
+
+    def _record(self, name: str) -> Tensor:
+        if self._records is None:
+            raise ValueError(f"EngineResult.{name}: per-sample records were not kept; run "
+                             "with keep_records=True (the aggregates are always there)")
+        return self._records.get(name)
+
+    pred = _record_property("pred", "Predicted class per sample ``(N,)`` (-1: skipped).")
+    exit_index = _record_property("exit_index", "Answering exit per sample ``(N,)`` (-1: skipped).")
+    confidence = _record_property("confidence", "Confidence of the answering exit ``(N,)``.")
+    flops = _record_property("flops", "FLOPs spent per sample ``(N,)``.")
+    valid = _record_property("valid", "Whether each sample was processed ``(N,)`` bool.")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The aggregates (plain values; the records are not part of the state)."""
+        return {"num_exits": self.num_exits, "samples": self.samples, "skipped": self.skipped,
+                "flops_sum": self.flops_sum, "seconds": self.seconds,
+                "exit_counts": self._exit_counts.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from saved aggregates (records kept from here on start empty)."""
+        if int(state["num_exits"]) != self.num_exits:
+            raise ValueError(f"engine aggregates of {state['num_exits']} exits do not fit a "
+                             f"model with {self.num_exits}")
+        self.samples, self.skipped = int(state["samples"]), int(state["skipped"])
+        self.flops_sum, self.seconds = state["flops_sum"], float(state["seconds"])
+        self._exit_counts = torch.tensor(state["exit_counts"], dtype=torch.long)
 
 
 class InputChecker:
@@ -272,20 +387,45 @@ class Engine:
         return output
 
     def run(self, inputs: Iterable[Tensor], *, total: int | None = None,
-            progress: bool = True, desc: str = "stream") -> EngineResult:
-        """Process every batch of ``inputs`` and return the concatenated records."""
+            progress: bool = True, desc: str = "stream", keep_records: bool = True,
+            result: EngineResult | None = None,
+            stop_when: Callable[[], bool] | None = None, bar: Any = None) -> EngineResult:
+        """Process every batch of ``inputs``; memory stays constant unless records are kept.
+
+        Each step's full output goes to the hooks and is then dropped: only the result's
+        aggregates (and, with ``keep_records``, a few numbers per sample) survive.
+
+        Args:
+            inputs: Batches ``(B, C, H, W)``.
+            total: Samples expected (progress bar).
+            progress: Show a progress bar.
+            desc: Progress bar label.
+            keep_records: Keep per-sample records (ignored when ``result`` is given).
+            result: Accumulate into this result (to continue a run) instead of a new one.
+            stop_when: Checked after every step; ``True`` stops before the next batch.
+            bar: An open tqdm bar to advance instead of a new one (``total``, ``progress``
+                and ``desc`` are then not used).
+
+        Returns:
+            The result (``result`` itself when given).
+        """
         import time
 
         from tqdm.auto import tqdm
 
-        records: list[StepOutput] = []
+        if result is None:
+            result = EngineResult(self.model.num_exits, keep_records=keep_records)
         start = time.perf_counter()
-        with tqdm(total=total, desc=desc, unit="sample", disable=not progress,
-                  mininterval=0.5) as bar:
+        with contextlib.nullcontext(bar) if bar is not None else tqdm(
+                total=total, desc=desc, unit="sample", disable=not progress,
+                mininterval=0.5) as bar:
             for x in inputs:
-                records.append(self.step(x))
+                result.add(self.step(x))
                 bar.update(x.shape[0])
-        return _concat(records, time.perf_counter() - start)
+                if stop_when is not None and stop_when():
+                    break
+        result.seconds += time.perf_counter() - start
+        return result
 
 
 def _blank_output(valid: Tensor, num_classes: int) -> StepOutput:
@@ -315,18 +455,3 @@ def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -
         rows[valid] = features
         full.features.append(rows)
     return full
-
-
-def _concat(records: list[StepOutput], seconds: float) -> EngineResult:
-    if not records:
-        empty = torch.zeros(0, dtype=torch.long)
-        return EngineResult(empty, empty, torch.zeros(0), empty,
-                            torch.zeros(0, dtype=torch.bool), seconds)
-    return EngineResult(
-        pred=torch.cat([r.pred for r in records]),
-        exit_index=torch.cat([r.exit_index for r in records]),
-        confidence=torch.cat([r.confidence for r in records]),
-        flops=torch.cat([r.flops for r in records]),
-        valid=torch.cat([r.valid for r in records]),
-        seconds=seconds,
-    )

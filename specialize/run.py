@@ -11,16 +11,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
 import yaml
 
-from backbones.checkpoint import load_checkpoint
+from backbones.checkpoint import atomic_torch_save, atomic_write_bytes, load_checkpoint
 from backbones.contract import MultiExitModel
 from configkit import (
     ConfigError,
@@ -34,15 +33,17 @@ from configkit import (
     load_yaml,
     to_dict,
 )
-from specialize.anchoring import heads_state, unanchor_heads
+from specialize.anchoring import heads_state, serve_heads_state, unanchor_heads
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
-from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, make_step_fn
+from specialize.drift.tracker import DEFAULT_MAX_WINDOWS
+from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, StepHook, make_step_fn
 from specialize.evaluation import ExitPass, exit_pass, rerun_heads
 from specialize.policy import MEASURE_MAX, ExitPolicy
 from specialize.report import format_headline, write_report
 from specialize.run_checks import check_model_fits, check_run_inputs
+from specialize.run_state import RunSession, run_identity, weights_hash
 from specialize.specializer import Specializer
-from specialize.summarize import Replay, RunRecords, build_summary, stream_record
+from specialize.summarize import OnlineScore, Replay, RunRecords, build_summary, stream_record
 from specialize.summary import EvalSplits, RunSummary, UpdaterStats
 from specialize.updater import HeadUpdater, UpdaterConfig
 from specialize.zoo import (
@@ -56,7 +57,6 @@ from streams.scenarios import ScenarioConfig
 from streams.transforms import InputTransform
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-T = TypeVar("T")
 
 
 @dataclass
@@ -109,11 +109,17 @@ class DriftConfig:
     # reset the heads to the base heads when the alarm fires, so heads specialized for the
     # past stop holding back the new classes (anchored heads need both heads to agree)
     reset_on_alarm: bool = True
+    # tracker history entries kept; beyond, the oldest windows merge in pairs (the default
+    # keeps 125,000 samples at full resolution with window 250)
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    # alarm positions kept (the last ones; summary.json's drift.alarm_count counts them all)
+    max_alarms: int = 1000
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("window", "alarm_window"):
+        for name in ("window", "alarm_window", "max_alarms"):
             check_int(name, getattr(self, name), ge=1)
+        check_int("max_windows", self.max_windows, ge=2)
         check_choice("alarm", self.alarm, ("none", "class_mix"))
         check_number("alarm_threshold", self.alarm_threshold, gt=0, le=1)
 
@@ -150,9 +156,20 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     out: str | None = None  # run folder; None -> runs/<scenario>-<UTC time>
     progress: bool = True  # progress bars
+    # folder of the run's saved state (crash-safe runs): the same command resumes from it;
+    # None: nothing is saved
+    state: str | None = None
+    # with state: save every this many samples of a replay, a multiple of engine.batch_size
+    # (None: the multiple closest to 1000)
+    save_every: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)  # every section is built from its mapping and checks itself
+        check_int("save_every", self.save_every, ge=1, optional=True)
+        if self.save_every is not None and self.save_every % self.engine.batch_size:
+            raise ConfigError(f"save_every: must be a multiple of engine.batch_size "
+                              f"({self.engine.batch_size}) so that a resumed run sees the same "
+                              f"batches, got {self.save_every}")
         scenario = from_dict(ScenarioConfig, self.scenario, where="scenario")  # validate early
         if scenario.holdout_fraction == 0:
             raise ConfigError(f"scenario.holdout_fraction: must be > 0 for a run (the curves "
@@ -161,6 +178,14 @@ class RunConfig:
         if floor is not None and floor > MEASURE_MAX[measure]:
             raise ConfigError(f"updater.min_confidence: must be <= {MEASURE_MAX[measure]} (the "
                               f"largest {measure}) or null, else no sample teaches; got {floor}")
+
+    @property
+    def save_interval(self) -> int:
+        """Samples between saves of a replay: ``save_every``, or about 1000 samples."""
+        if self.save_every is not None:
+            return self.save_every
+        batch = self.engine.batch_size
+        return max(round(1000 / batch), 1) * batch
 
     @property
     def dataset(self) -> str:
@@ -231,40 +256,60 @@ def load_model(config: ModelConfig, *, dataset: str = "fashion_mnist",
 def run_experiment(config: RunConfig) -> tuple[RunSummary, Path]:
     """Run the experiment a config describes and write its report.
 
+    With ``config.state`` the whole run state is saved there (see
+    :mod:`specialize.run_state`) and a saved state is resumed.
+
     Returns:
         ``(summary, run_folder)``; ``summary.to_json_dict()`` is the run's summary.json.
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM stopped a run that keeps a state (saved).
+        StateMismatchError: ``config.state`` holds the state of another run.
     """
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
     stream = check_run_inputs(config)  # what needs the data or the checkpoint, before loading
     model, checkpoint = load_model(config.model, dataset=config.dataset,
                                    progress=config.progress)
     check_model_fits(config, model, stream)  # a default model prepared just now
     stream = fit_inputs(stream, model)
-    timings["load"] = time.perf_counter() - clock
-    policy = build_policy(config)
-    thresholds = policy.thresholds_tensor(model.num_exits)
+    settings = {**to_dict(config), "scenario": stream.config.to_dict()}
+    session = RunSession.open(config.state, run_identity(settings, stream.fingerprint,
+                                                         weights_hash(model)))
+    session.add_time("load", time.perf_counter() - clock)
+    with session.signals():
+        return _run_phases(config, model, checkpoint, stream, session)
 
-    before = _timed(timings, "curves_before", lambda: _eval_sets(model, stream, config, "before"))
+
+def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
+                session: RunSession) -> tuple[RunSummary, Path]:
+    """Every phase of a run, each read back from ``session`` when it is done already."""
+    out_dir = Path(config.out) if config.out else session.out_dir(lambda: _default_out(stream))
+    thresholds = build_policy(config).thresholds_tensor(model.num_exits)
+    before = session.phase("curves_before", lambda: _eval_sets(model, stream, config, "before"),
+                           _passes_state, _passes_from_state)
     base_heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
     frozen = None
     if config.evaluation.frozen_replay:
-        frozen = _timed(timings, "stream_frozen",
-                        lambda: _replay(model, stream, config, specialize_heads=False))
-    special = _timed(timings, "stream_specializing",
-                     lambda: _replay(model, stream, config, specialize_heads=True))
-    after = _timed(timings, "curves_after",
-                   lambda: _eval_sets(model, stream, config, "after", before))
+        frozen = session.phase(
+            "stream_frozen", lambda: _replay(model, stream, config, session, specialize=False),
+            Replay.state_dict, Replay.from_state_dict)
+    special = session.phase(
+        "stream_specializing", lambda: _replay(model, stream, config, session, specialize=True),
+        Replay.state_dict, Replay.from_state_dict)
+    after = session.phase("curves_after",
+                          lambda: _curves_after(model, stream, config, special, before),
+                          _passes_state, _passes_from_state)
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
-    records = RunRecords(checkpoint=checkpoint, measure=policy.measure, thresholds=thresholds,
-                         before=before, after=after, specializing=special, frozen=frozen,
-                         timings=timings)
+    records = RunRecords(checkpoint=checkpoint, measure=config.policy.measure,
+                         thresholds=thresholds, before=before, after=after,
+                         specializing=special, frozen=frozen, timings=dict(session.timings))
     summary = build_summary(config, model, stream, records)
     model.heads.load_state_dict(base_heads)
-    out_dir = _out_dir(config, stream)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_report(summary, out_dir)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    torch.save(special.heads, out_dir / "specialized_heads.pt")
+    atomic_write_bytes(out_dir / "config.yaml",
+                       yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    atomic_torch_save(special.heads, out_dir / "specialized_heads.pt")
     return summary, out_dir
 
 
@@ -291,14 +336,17 @@ def build_policy(config: RunConfig) -> ExitPolicy:
 
 
 def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
-                      tracker: ClassCostTracker | None = None) -> Specializer:
+                      tracker: ClassCostTracker | None = None,
+                      hooks: Iterable[StepHook] = ()) -> Specializer:
     """A specializer wired as the run config says: policy, drift alarm, executor, bad input.
 
     Args:
         model: The multi-exit model.
         config: The run config (its policy, drift and engine sections are read).
         updater: The head updater, or ``None`` for a frozen replay.
-        tracker: Per-class compute tracker (default: one with ``drift.window``).
+        tracker: Per-class compute tracker (default: one with ``drift.window`` and
+            ``drift.max_windows``).
+        hooks: More step hooks (e.g. the evaluator's :class:`OnlineScore`).
 
     Returns:
         The specializer; :func:`serve_stream` runs it with the config's threads setting.
@@ -308,29 +356,32 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
         alarm = ClassMixDriftDetector(model.num_classes, config.drift.alarm_window,
                                       config.drift.alarm_threshold)
     tracker = tracker or ClassCostTracker(model.num_classes, model.num_exits,
-                                          config.drift.window)
+                                          config.drift.window, config.drift.max_windows)
     return Specializer(model, build_policy(config), updater, tracker=tracker, alarm=alarm,
                        reset_on_alarm=config.drift.reset_on_alarm,
                        step_fn=make_step_fn(model, config.engine.executor),
-                       on_bad_input=config.engine.on_bad_input)
+                       on_bad_input=config.engine.on_bad_input, hooks=hooks,
+                       max_alarms=config.drift.max_alarms)
 
 
 def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
-                 desc: str = "stream") -> EngineResult:
-    """Run ``specializer`` over ``stream`` with the config's batch size and torch threads."""
+                 desc: str = "stream", **options: Any) -> EngineResult:
+    """Run ``specializer`` over ``stream`` with the config's batch size and torch threads.
+
+    Args:
+        specializer: What to run (closed afterwards).
+        stream: The stream.
+        config: The run config (engine batch size and threads, progress).
+        desc: Progress bar label.
+        **options: More keyword arguments of :meth:`Specializer.run` (``keep_records``,
+            ``result``, ``save_every``, ``on_save``, ``should_stop``).
+    """
     try:
         with threads(config.engine.num_threads):
             return specializer.run(stream, batch_size=config.engine.batch_size,
-                                   progress=config.progress, desc=desc)
+                                   progress=config.progress, desc=desc, **options)
     finally:
         specializer.close()
-
-
-def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
-    start = time.perf_counter()
-    result = fn()
-    timings[name] = time.perf_counter() - start
-    return result
 
 
 def _eval_sets(model, stream: Stream, config: RunConfig, phase: str,
@@ -352,35 +403,71 @@ def _eval_sets(model, stream: Stream, config: RunConfig, phase: str,
     return EvalSplits(passes["in"], passes["out"])
 
 
-def _replay(model, stream: Stream, config: RunConfig, *, specialize_heads: bool) -> Replay:
+def _curves_after(model, stream: Stream, config: RunConfig, special: Replay,
+                  before: EvalSplits[ExitPass]) -> EvalSplits[ExitPass]:
+    serve_heads_state(model, special.heads)  # a no-op unless resumed after the replay
+    return _eval_sets(model, stream, config, "after", before)
+
+
+def _passes_state(passes: EvalSplits[ExitPass]) -> dict[str, Any]:
+    # cached head inputs stay in memory (a resumed run recomputes the curves in full)
+    return {split: None if p is None else {f.name: getattr(p, f.name)
+                                           for f in dataclasses.fields(p)
+                                           if f.name != "head_inputs"}
+            for split, p in (("in", passes.eval_in), ("out", passes.eval_out))}
+
+
+def _passes_from_state(state: dict[str, Any]) -> EvalSplits[ExitPass]:
+    return EvalSplits(*(None if state[split] is None else ExitPass(**state[split])
+                        for split in ("in", "out")))
+
+
+def _replay(model, stream: Stream, config: RunConfig, session: RunSession, *,
+            specialize: bool) -> Replay:
+    """Replay the stream, frozen or specializing; resumes the progress ``session`` holds."""
+    name = "stream_specializing" if specialize else "stream_frozen"
     heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
-    updater = HeadUpdater(model, config.updater) if specialize_heads else None
-    tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window)
-    specializer = build_specializer(model, config, updater, tracker)
-    result = serve_stream(specializer, stream, config,
-                          "specializing" if specialize_heads else "frozen")
+    updater = HeadUpdater(model, config.updater) if specialize else None
+    tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window,
+                               config.drift.max_windows)
+    score = OnlineScore(stream.evaluator().labels)  # evaluation side: labels stay here
+    specializer = build_specializer(model, config, updater, tracker, hooks=[score])
+    result = EngineResult(model.num_exits, keep_records=False)
+    saved = session.progress(name)
+    if saved is not None:
+        specializer.load_state_dict(saved["specializer"], stream, where=str(session.path))
+        result.load_state_dict(saved["result"])
+        score.load_state_dict(saved["score"])
+
+    def save() -> None:
+        if specializer.position == len(stream) and not session.stop_requested():
+            return  # the phase's end saves next
+        session.save_progress(name, {"specializer": specializer.state_dict(stream),
+                                     "result": result.state_dict(),
+                                     "score": score.state_dict()})
+
+    persistent = ({"save_every": config.save_interval, "on_save": save} if session.persistent
+                  else {})
+    with session.deferred():
+        serve_stream(specializer, stream, config, name.removeprefix("stream_"), result=result,
+                     should_stop=session.stop_requested, **persistent)
+    session.raise_if_stopped()
     tracker.close_window()
     stats = None if updater is None else UpdaterStats(**updater.stats())
+    hook = specializer.alarm_hook
     replay = Replay(
-        record=stream_record(result, stream.evaluator().labels, model.num_exits, stats),
-        tracker=tracker, heads=heads_state(model),
+        record=stream_record(result, score, stats), tracker=tracker, heads=heads_state(model),
         exit_flops=[int(info["flops"]) for info in model.exit_info],
-        alarms=specializer.alarm_hook.alarms if specializer.alarm_hook else [],
-        updater=stats,
+        alarms=hook.alarms if hook else [], updater=stats, alarm_count=hook.count if hook else 0,
     )
     if updater is None:
         model.heads.load_state_dict(heads_before)
     return replay
 
 
-def _out_dir(config: RunConfig, stream: Stream) -> Path:
-    if config.out:
-        path = Path(config.out)
-    else:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{stream.name}-{stamp}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _default_out(stream: Stream) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stream.name}-{stamp}"
 
 
 def headline(summary: RunSummary, out_dir: Path) -> str:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from tqdm.auto import tqdm
 
 from backbones import MultiExitModel
+from backbones.checkpoint import atomic_torch_save
 from specialize.drift import ClassCostTracker, DriftDetector
-from specialize.engine import Engine, EngineResult, StepOutput, reference_step
+from specialize.engine import Engine, EngineResult, StepHook, StepOutput, reference_step
 from specialize.policy import ExitPolicy
 from specialize.updater import HeadUpdater
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the drift alarm's detector, alarms and position
 
 
 class _TrackerHook:
@@ -36,22 +38,43 @@ class _TrackerHook:
 
 
 class _AlarmHook:
-    """Feeds predicted classes to a drift detector; on an alarm, resets the updater."""
+    """Feeds predicted classes to a drift detector; on an alarm, resets the updater.
 
-    def __init__(self, detector: DriftDetector, updater: HeadUpdater | None, reset: bool) -> None:
+    Keeps the number of alarms and the positions of the last ``max_alarms`` of them.
+    """
+
+    def __init__(self, detector: DriftDetector, updater: HeadUpdater | None, reset: bool,
+                 max_alarms: int = 1000) -> None:
         self.detector = detector
         self.updater = updater
         self.reset = reset
-        self.alarms: list[int] = []
+        self.recent: deque[int] = deque(maxlen=max_alarms)
+        self.count = 0
         self.position = 0
+
+    @property
+    def alarms(self) -> list[int]:
+        """Stream positions of the last ``max_alarms`` alarms, oldest first."""
+        return list(self.recent)
 
     def on_step(self, output: StepOutput) -> None:
         for pred in output.pred[output.valid].tolist():
             self.position += 1
             if self.detector.update(pred):
-                self.alarms.append(self.position)
+                self.recent.append(self.position)
+                self.count += 1
                 if self.reset and self.updater is not None:
                     self.updater.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "alarms": self.alarms,
+                "count": self.count, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        self.recent.clear()
+        self.recent.extend(int(p) for p in state["alarms"])
+        self.count, self.position = int(state["count"]), int(state["position"])
 
 
 class Specializer:
@@ -66,33 +89,40 @@ class Specializer:
         reset_on_alarm: Reset the updater to the base heads when the alarm fires.
         step_fn: The inference routine (reference lazy forward, or the dynamic executor).
         on_bad_input: ``error`` or ``skip`` for malformed or non-finite inputs.
+        hooks: More step hooks, called after the updater, tracker and alarm (e.g. an
+            evaluator's online scoring; they are not part of :meth:`state_dict`).
+        max_alarms: Alarm positions kept (the count of all alarms is kept too).
     """
 
     def __init__(
         self, model: MultiExitModel, policy: ExitPolicy, updater: HeadUpdater | None = None,
         *, tracker: ClassCostTracker | None = None, alarm: DriftDetector | None = None,
         reset_on_alarm: bool = False, step_fn=reference_step, on_bad_input: str = "error",
+        hooks: Iterable[StepHook] = (), max_alarms: int = 1000,
     ) -> None:
         self.model = model
         self.policy = policy
         self.updater = updater
         self.tracker = tracker or ClassCostTracker(model.num_classes, model.num_exits, 250)
-        self.alarm_hook = _AlarmHook(alarm, updater, reset_on_alarm) if alarm else None
-        hooks: list[Any] = [_TrackerHook(self.tracker)]
+        self.alarm_hook = (_AlarmHook(alarm, updater, reset_on_alarm, max_alarms) if alarm
+                           else None)
+        all_hooks: list[StepHook] = [_TrackerHook(self.tracker)]
         if updater is not None:
-            hooks.insert(0, updater)
+            all_hooks.insert(0, updater)
         if self.alarm_hook is not None:
-            hooks.append(self.alarm_hook)
+            all_hooks.append(self.alarm_hook)
         self.engine = Engine(
-            model, policy, hooks=hooks, step_fn=step_fn, on_bad_input=on_bad_input,
+            model, policy, hooks=[*all_hooks, *hooks], step_fn=step_fn, on_bad_input=on_bad_input,
             serving=updater.serving if updater is not None else None,
         )
         self.position = 0
 
     def run(self, stream, *, batch_size: int = 1, stop: int | None = None,
             progress: bool = True, desc: str | None = None,
-            save_every: int | None = None, state_path: str | Path | None = None
-            ) -> EngineResult:
+            save_every: int | None = None, state_path: str | Path | None = None,
+            keep_records: bool = True, result: EngineResult | None = None,
+            on_save: Callable[[], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> EngineResult:
         """Run over ``stream.inputs`` from the current position.
 
         Args:
@@ -101,29 +131,45 @@ class Specializer:
             stop: Stop before this stream position (default: the end).
             progress: Show a progress bar.
             desc: Progress bar label.
-            save_every: Save the state every this many samples (needs ``state_path``).
+            save_every: Save at every stream position that is a multiple of this (needs
+                ``state_path`` or ``on_save``; keep it a multiple of ``batch_size`` so that a
+                resumed run sees the same batches).
             state_path: Where :meth:`save` writes.
+            keep_records: Keep per-sample records in the result (memory grows with the
+                stream; the aggregates are always kept). Ignored when ``result`` is given.
+            result: Accumulate into this result (e.g. restored after a resume).
+            on_save: Called instead of :meth:`save` at each save point and on a stop.
+            should_stop: Checked after every step; ``True`` ends the run early at the
+                current position, after a save (the position then says where it stopped).
 
         Returns:
-            Records of the samples processed in this call.
+            The result over the samples processed (``result`` itself when given).
         """
         stop = len(stream) if stop is None else stop
-        if save_every is not None and state_path is None:
+        if on_save is None and state_path is not None:
+            on_save = partial(self.save, state_path, stream)
+        if save_every is not None and on_save is None:
             raise ValueError("save_every needs state_path=... to know where to save")
-        chunk = save_every or max(stop - self.position, 1)
-        parts = []
-        while self.position < stop:
-            end = min(self.position + chunk, stop)
-            inputs = stream.inputs(batch_size=batch_size, start=self.position, stop=end)
-            label = desc or f"{getattr(stream, 'name', 'stream')}"
-            parts.append(self.engine.run(inputs, total=end - self.position,
-                                         progress=progress, desc=label))
-            self.position = end
-            if self.updater is not None:
-                self.updater.flush()
-            if state_path is not None and save_every is not None:
-                self.save(state_path, stream)
-        return _merge(parts)
+        if result is None:
+            result = EngineResult(self.model.num_exits, keep_records=keep_records)
+        label = desc or f"{getattr(stream, 'name', 'stream')}"
+        with tqdm(total=max(stop - self.position, 0), desc=label, unit="sample",
+                  disable=not progress, mininterval=0.5) as bar:
+            while self.position < stop:
+                end = stop if not save_every else min(
+                    (self.position // save_every + 1) * save_every, stop)
+                seen = result.samples
+                inputs = stream.inputs(batch_size=batch_size, start=self.position, stop=end)
+                self.engine.run(inputs, result=result, stop_when=should_stop, bar=bar)
+                self.position += result.samples - seen
+                if self.updater is not None:
+                    self.updater.flush()
+                stopping = should_stop is not None and should_stop()
+                if on_save is not None and (save_every is not None or stopping):
+                    on_save()
+                if stopping:
+                    break
+        return result
 
     def close(self) -> None:
         """Stop the updater's background thread (if any)."""
@@ -141,6 +187,8 @@ class Specializer:
                        "thresholds": _jsonable(self.policy.thresholds)},
             "updater": _jsonable(vars(self.updater.config)) if self.updater else None,
         }
+        if self.alarm_hook is not None:
+            ident["alarm"] = _jsonable(self.alarm_hook.detector.state_dict()["config"])
         if stream is not None:
             ident["stream"] = stream.fingerprint
         return ident
@@ -153,22 +201,13 @@ class Specializer:
             "model": self.model.state_dict(),
             "updater": self.updater.state_dict() if self.updater else None,
             "tracker": self.tracker.state_dict(),
+            "alarm": self.alarm_hook.state_dict() if self.alarm_hook else None,
             "position": self.position,
         }
 
     def save(self, path: str | Path, stream=None) -> Path:
-        """Write the state atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(self.state_dict(stream), temp)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the state atomically (temp file, fsync, rename, folder fsync)."""
+        return atomic_torch_save(self.state_dict(stream), path)
 
     def load(self, path: str | Path, stream=None) -> None:
         """Resume from a saved state; refuses a state of another model, config or stream."""
@@ -177,21 +216,37 @@ class Specializer:
         except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
             raise ValueError(f"cannot read specialization state {path}: {err}; delete it to "
                              "start afresh") from err
+        self.load_state_dict(state, stream, where=str(path))
+
+    def load_state_dict(self, state: dict[str, Any], stream=None, *,
+                        where: str = "the state") -> None:
+        """Resume from :meth:`state_dict` output; refuses another model, config or stream.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+            stream: The stream the run continues on (its fingerprint must match).
+            where: Names the state in error messages.
+
+        Raises:
+            ValueError: Another format, model, policy, updater config, alarm or stream.
+        """
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: state format {state.get('format')} is not "
+            raise ValueError(f"{where}: state format {state.get('format')} is not "
                              f"{STATE_FORMAT}; delete it to start afresh")
         saved = json.loads(state["identity"])
         current = self.identity(stream)
         for key in current:
             if saved.get(key) != current[key]:
                 raise ValueError(
-                    f"{path} was saved for another {key} ({_short(saved.get(key))} != "
+                    f"{where} was saved for another {key} ({_short(saved.get(key))} != "
                     f"{_short(current[key])}); resume with the same config or delete the state"
                 )
         self.model.load_state_dict(state["model"])
         if self.updater is not None:
             self.updater.load_state_dict(state["updater"])
         self.tracker.load_state_dict(state["tracker"])
+        if self.alarm_hook is not None:
+            self.alarm_hook.load_state_dict(state["alarm"])
         self.position = int(state["position"])
 
 
@@ -202,18 +257,3 @@ def _short(value: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _merge(parts: list[EngineResult]) -> EngineResult:
-    if len(parts) == 1:
-        return parts[0]
-    empty = torch.zeros(0, dtype=torch.long)
-    if not parts:
-        return EngineResult(empty, empty, torch.zeros(0), empty,
-                            torch.zeros(0, dtype=torch.bool))
-
-    def cat(name: str) -> Tensor:
-        return torch.cat([getattr(p, name) for p in parts])
-
-    return EngineResult(cat("pred"), cat("exit_index"), cat("confidence"), cat("flops"),
-                        cat("valid"), seconds=sum(p.seconds for p in parts))

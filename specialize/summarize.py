@@ -60,8 +60,9 @@ class Replay:
         tracker: The per-class cost tracker (windows closed).
         heads: ``heads_state(model)`` after the replay (``specialized_heads.pt``).
         exit_flops: FLOPs to reach each exit with the served heads.
-        alarms: Stream positions where the drift alarm fired.
+        alarms: Stream positions of the last ``drift.max_alarms`` drift alarms.
         updater: The updater's counters (specializing replay only).
+        alarm_count: Drift alarms fired in all (more than ``alarms`` lists when truncated).
     """
 
     record: StreamRecord
@@ -70,26 +71,72 @@ class Replay:
     exit_flops: list[int]
     alarms: list[int]
     updater: UpdaterStats | None = None
+    alarm_count: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data (a run state holds it; :meth:`from_state_dict` reads it)."""
+        return {"record": self.record.to_json_dict(), "tracker": self.tracker.state_dict(),
+                "heads": self.heads, "exit_flops": list(self.exit_flops),
+                "alarms": list(self.alarms), "alarm_count": self.alarm_count,
+                "updater": None if self.updater is None else self.updater.to_json_dict()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Replay:
+        """The replay a :meth:`state_dict` describes."""
+        updater = state["updater"]
+        return cls(record=StreamRecord.from_json_dict(state["record"]),
+                   tracker=ClassCostTracker.from_state_dict(state["tracker"]),
+                   heads=state["heads"], exit_flops=list(state["exit_flops"]),
+                   alarms=list(state["alarms"]), alarm_count=int(state["alarm_count"]),
+                   updater=None if updater is None else UpdaterStats.from_json_dict(updater))
 
 
-def stream_record(result: EngineResult, labels: torch.Tensor, num_exits: int,
+class OnlineScore:
+    """Evaluation-side step hook: scores each answer against the stream's labels, online.
+
+    Only the evaluator holds the labels; the engine calls this hook like any other and
+    never reads them, and the updater never sees them.
+
+    Args:
+        labels: The stream's labels (``StreamEvaluator.labels``), position by position.
+    """
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+        self.position = 0
+        self.correct = 0
+
+    def on_step(self, output) -> None:
+        """Count the step's correct answers (skipped samples never count)."""
+        count = int(output.pred.shape[0])
+        truth = self.labels[self.position : self.position + count]
+        self.correct += int(((output.pred == truth) & output.valid).sum())
+        self.position += count
+
+    def state_dict(self) -> dict[str, int]:
+        """Position and count of correct answers."""
+        return {"position": self.position, "correct": self.correct}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict` output."""
+        self.position, self.correct = int(state["position"]), int(state["correct"])
+
+
+def stream_record(result: EngineResult, score: OnlineScore,
                   stats: UpdaterStats | None) -> StreamRecord:
     """The summary's line for one replay: online accuracy, FLOPs, exits, throughput.
 
     Args:
-        result: The engine's result over the whole stream.
-        labels: The stream's true classes (read only to score).
-        num_exits: Exits of the model.
+        result: The engine's aggregates over the whole stream.
+        score: The replay's online score (correct answers).
         stats: The updater's counters, for a specializing replay.
     """
-    valid = result.valid
-    correct = result.pred[valid] == labels[valid]
-    answered = bool(valid.any())
+    answered = result.answered
     return StreamRecord(
-        accuracy=100.0 * float(correct.double().mean()) if answered else float("nan"),
-        mean_flops=float(result.flops[valid].double().mean()) if answered else float("nan"),
-        exit_histogram=result.exit_histogram(num_exits),
-        samples_per_second=len(result.pred) / max(result.seconds, 1e-9),
+        accuracy=100.0 * (score.correct / answered) if answered else float("nan"),
+        mean_flops=result.mean_flops,
+        exit_histogram=result.exit_histogram(),
+        samples_per_second=result.samples_per_second,
         skipped=result.skipped,
         updates=None if stats is None else stats.updates,
     )
@@ -151,12 +198,18 @@ def build_summary(config: RunConfig, model, stream: Stream, records: RunRecords)
         per_class=_per_class(stream, records, history),
         stream=StreamSection(records.specializing.record,
                              records.frozen.record if records.frozen else None),
-        drift=DriftSummary(config.drift.window, history, records.specializing.alarms),
+        drift=_drift_summary(config, records.specializing, history),
         updater=records.specializing.updater,
         timings=records.timings,
         versions=Versions(specialize=specialize.__version__, torch=torch.__version__,
                           timm=timm.__version__, python=platform.python_version()),
     )
+
+
+def _drift_summary(config: RunConfig, replay: Replay, history: list[DriftWindow]) -> DriftSummary:
+    truncated = replay.alarm_count > len(replay.alarms)
+    return DriftSummary(config.drift.window, history, replay.alarms,
+                        alarm_count=replay.alarm_count if truncated else None)
 
 
 def _scenario_summary(stream: Stream) -> ScenarioSummary:

@@ -339,6 +339,8 @@ class DriftSummary(JsonRecord):
     window: int | None = None  # samples per tracker window
     history: list[DriftWindow] = _field(read=_records(DriftWindow), default_factory=list)
     alarms: list[int] = _field(default_factory=list)  # stream positions where it fired
+    # alarms fired in all; only when more fired than ``alarms`` keeps (drift.max_alarms)
+    alarm_count: int | None = _field(omit_if_none=True)
 
 
 @dataclass

@@ -3,6 +3,9 @@
 :class:`ClassCostTracker` records, per predicted class (and per true class when an evaluator
 supplies labels), how many samples were seen, their mean FLOPs and the exits they took:
 cumulatively, in the current window, and for every closed window (the drift history).
+The history holds at most ``max_windows`` entries: beyond that the oldest windows are merged
+in pairs, so memory is set by configuration while the whole stream stays visible, recent
+windows at full resolution and older ones coarser.
 
 FLOPs follow the project's convention: a multiply-add counts 2.
 """
@@ -20,6 +23,7 @@ import numpy as np
 from specialize.drift._inputs import ArrayLike, positive_int, to_1d, to_index
 
 _STATE_VERSION = 1
+DEFAULT_MAX_WINDOWS = 500  # history entries: 125,000 samples at full resolution (window 250)
 
 
 def _nan_to_none(values: Iterable[float]) -> list[float | None]:
@@ -109,7 +113,11 @@ class ClassCostTracker:
     class (only an evaluator has it; the engine never does), the sample is tracked under its
     true class as well, in separate statistics. Windows are tumbling: a window closes after
     ``window`` samples (a micro-batch that crosses the boundary is split) and its summary is
-    appended to :meth:`history`.
+    appended to :meth:`history`. When the history would exceed ``max_windows`` entries, two
+    adjacent entries are merged into one: the oldest adjacent pair of equal span, the finest
+    such span first (as in an exponential histogram: recent windows stay at full resolution,
+    spans double with age); without two adjacent entries of equal span, the adjacent pair
+    of the smallest total span.
 
     A baseline (the state before specialization) can be stored with :meth:`freeze_baseline`,
     or taken from another tracker (e.g. a frozen model's run) with :meth:`set_baseline`;
@@ -119,6 +127,7 @@ class ClassCostTracker:
         num_classes: Number of classes of the model.
         num_exits: Number of exits of the model.
         window: Samples per window of the drift history.
+        max_windows: Entries the history keeps (>= 2); older windows are merged beyond it.
 
     Example:
         >>> tracker = ClassCostTracker(num_classes=3, num_exits=2, window=2)
@@ -136,10 +145,15 @@ class ClassCostTracker:
         [10.0, nan, nan]
     """
 
-    def __init__(self, num_classes: int, num_exits: int, window: int = 500) -> None:
+    def __init__(self, num_classes: int, num_exits: int, window: int = 500,
+                 max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
         self.num_classes = positive_int(num_classes, "num_classes")
         self.num_exits = positive_int(num_exits, "num_exits")
         self.window = positive_int(window, "window (samples per window)")
+        self.max_windows = positive_int(max_windows, "max_windows (history entries)")
+        if self.max_windows < 2:
+            raise ValueError(f"max_windows must be >= 2 (older windows merge in pairs), got "
+                             f"{max_windows}")
         self.reset()
 
     def __repr__(self) -> str:
@@ -236,8 +250,16 @@ class ClassCostTracker:
 
     def _close_window(self) -> None:
         self._history.append(self._window_entry())
+        self._coarsen()
         self._current = self._empty_stats()
         self._window_start = self._position
+
+    def _coarsen(self) -> None:
+        """Merge adjacent history entries until at most ``max_windows`` remain."""
+        while len(self._history) > self.max_windows:
+            index = _pair_to_merge([entry["end"] - entry["start"] for entry in self._history])
+            first, second = self._history[index], self._history[index + 1]
+            self._history[index : index + 2] = [_merge_entries(first, second)]
 
     def _window_entry(self) -> dict[str, Any]:
         pred = self._current["pred"]
@@ -253,7 +275,10 @@ class ClassCostTracker:
         return entry
 
     def history(self) -> list[dict[str, Any]]:
-        """Summaries of the closed windows, oldest first.
+        """Summaries of the closed windows, oldest first (at most ``max_windows``).
+
+        An entry that merged older windows spans several of them; its means are the
+        sample-weighted means of the merged windows.
 
         Returns:
             One dict per window: ``start`` and ``end`` (stream positions, end exclusive),
@@ -382,6 +407,7 @@ class ClassCostTracker:
             "num_classes": self.num_classes,
             "num_exits": self.num_exits,
             "window": self.window,
+            "max_windows": self.max_windows,
             "position": self._position,
             "window_start": self._window_start,
             "total": {key: stats.state() for key, stats in self._total.items()},
@@ -392,6 +418,8 @@ class ClassCostTracker:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also after a JSON round trip).
+
+        A state with more history entries than this tracker's ``max_windows`` is coarsened.
 
         Raises:
             ValueError: The state was saved by a tracker with other classes, exits or window.
@@ -409,6 +437,7 @@ class ClassCostTracker:
         self._position = int(state["position"])
         self._window_start = int(state["window_start"])
         self._history = [_copy_entry(entry) for entry in state["history"]]
+        self._coarsen()
         self._baseline = None
         if state.get("baseline") is not None:
             self._baseline = copy.deepcopy(state["baseline"])
@@ -419,7 +448,8 @@ class ClassCostTracker:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> ClassCostTracker:
         """Build a tracker from a :meth:`state_dict`."""
-        tracker = cls(state["num_classes"], state["num_exits"], state["window"])
+        tracker = cls(state["num_classes"], state["num_exits"], state["window"],
+                      state.get("max_windows", DEFAULT_MAX_WINDOWS))
         tracker.load_state_dict(state)
         return tracker
 
@@ -432,6 +462,44 @@ def _class_means(stats: _ClassStats, suffix: str) -> dict[str, dict[int, float |
         f"mean_flops{suffix}": {int(c): float(m) for c, m in zip(seen, means, strict=True)},
         f"counts{suffix}": {int(c): int(stats.counts[c]) for c in seen},
     }
+
+
+def _pair_to_merge(spans: list[int]) -> int:
+    """Index of the first entry of the adjacent pair to merge (see ``ClassCostTracker``)."""
+    pairs = range(len(spans) - 1)
+    equal = [i for i in pairs if spans[i] == spans[i + 1]]
+    if equal:
+        return min(equal, key=lambda i: (spans[i], i))
+    return min(pairs, key=lambda i: (spans[i] + spans[i + 1], i))
+
+
+def _merge_entries(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """One history entry spanning two adjacent ones (sample-weighted means)."""
+    sizes = (sum(first["exit_histogram"]), sum(second["exit_histogram"]))
+    merged = {"start": first["start"], "end": second["end"], **_merge_means(first, second, "")}
+    merged["exit_histogram"] = [a + b for a, b in zip(first["exit_histogram"],
+                                                      second["exit_histogram"], strict=True)]
+    merged["mean_flops_all"] = ((first["mean_flops_all"] * sizes[0]
+                                 + second["mean_flops_all"] * sizes[1]) / sum(sizes))
+    if "counts_true" in first or "counts_true" in second:
+        merged.update(_merge_means(first, second, "_true"))
+    return merged
+
+
+def _merge_means(first: Mapping[str, Any], second: Mapping[str, Any],
+                 suffix: str) -> dict[str, dict[int, float | int]]:
+    """Per-class counts and sample-weighted mean FLOPs of two entries together."""
+    parts = [(entry.get(f"counts{suffix}", {}), entry.get(f"mean_flops{suffix}", {}))
+             for entry in (first, second)]
+    counts: dict[int, int] = {}
+    totals: dict[int, float] = {}
+    for part_counts, part_means in parts:
+        for c, n in part_counts.items():
+            counts[c] = counts.get(c, 0) + n
+            totals[c] = totals.get(c, 0.0) + part_means[c] * n
+    classes = sorted(counts)
+    return {f"mean_flops{suffix}": {c: totals[c] / counts[c] for c in classes},
+            f"counts{suffix}": {c: counts[c] for c in classes}}
 
 
 def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:

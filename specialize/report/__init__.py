@@ -16,7 +16,7 @@ counts them (papers that print MACs print half these figures); one formatter,
 """
 
 from specialize.report.common import FLOPS_NOTE, NO_EVAL_OUT
-from specialize.report.markdown import format_headline, render_markdown
+from specialize.report.markdown import format_headline, render_markdown, updater_failure
 from specialize.report.plots import (
     DPI,
     PLOT_FILES,
@@ -40,5 +40,6 @@ __all__ = [
     "plot_per_class_flops",
     "render_markdown",
     "to_jsonable",
+    "updater_failure",
     "write_report",
 ]

@@ -53,6 +53,9 @@ def format_headline(summary: RunSummary | Mapping[str, Any],
     unit = report_unit(summary)
     iso = summary.iso_accuracy
     lines = [f"report: {Path(report_dir) / 'report.md'}"] if report_dir is not None else []
+    failure = updater_failure(summary)
+    if failure:
+        lines.append(f"UPDATER FAILED: {failure}")
     if iso:
         lines.append(
             f"iso-accuracy on eval_in (target {pct(iso.target_accuracy)}): "
@@ -65,6 +68,18 @@ def format_headline(summary: RunSummary | Mapping[str, Any],
         lines.append("iso-accuracy: not computed")
     lines.append(_eval_out_sentence(summary))
     return "\n".join(lines)
+
+
+def updater_failure(summary: RunSummary | Mapping[str, Any]) -> str | None:
+    """What to say when the run's background updater failed (``None`` when it did not)."""
+    summary = as_run_summary(summary)
+    error = summary.updater.error if summary.updater else None
+    if not error:
+        return None
+    return (f"the background updater stopped with {error}. Specialization ended there: the "
+            "heads served afterwards, and measured by the 'after' figures, are the last ones "
+            "published before the failure, so this run does not show what specialization "
+            "would have reached.")
 
 
 def _eval_out_sentence(summary: RunSummary) -> str:
@@ -80,7 +95,12 @@ def render_markdown(summary: RunSummary | Mapping[str, Any]) -> str:
     summary = as_run_summary(summary)
     unit = report_unit(summary)
     name = (summary.scenario and summary.scenario.name) or "unnamed run"
-    lines = [f"# Test-time specialization report: {name}", "", FLOPS_NOTE, ""]
+    lines = [f"# Test-time specialization report: {name}", ""]
+    failure = updater_failure(summary)
+    if failure:
+        lines += [f"> **Warning: the run's updater failed.** {failure[0].upper()}{failure[1:]}",
+                  ""]
+    lines += [FLOPS_NOTE, ""]
     for section in (
         _md_scenario,
         _md_model,

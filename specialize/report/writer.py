@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from backbones.checkpoint import atomic_write_bytes
 from specialize.report.markdown import render_markdown
 from specialize.report.plots import PLOT_FILES, PLOTTERS, render_png
 from specialize.summary import RunSummary, to_jsonable
@@ -20,8 +19,8 @@ def write_report(summary: RunSummary | Mapping[str, Any], out_dir: str | Path) -
     ``summary.json`` is the summary's JSON form (a mapping is written as given), and the report
     and plots are drawn from that JSON read back as a :class:`RunSummary`, so rendering a
     ``summary.json`` loaded from disk gives the same report. Every file is written atomically
-    (temp file + ``os.replace``), so a reader never sees a half-written file and a crash
-    leaves the previous version in place.
+    (``backbones.checkpoint.atomic_write``: temp file, fsync, rename, folder fsync), so a reader
+    never sees a half-written file and a crash leaves the previous version in place.
 
     Args:
         summary: The run's summary, or its JSON form (the schema is documented in the
@@ -44,24 +43,9 @@ def write_report(summary: RunSummary | Mapping[str, Any], out_dir: str | Path) -
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out_dir / "summary.json", "report": out_dir / "report.md"}
     text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
-    _atomic_write(paths["summary"], text.encode())
+    atomic_write_bytes(paths["summary"], text.encode())
     for name, plot in PLOTTERS.items():
         paths[name] = out_dir / PLOT_FILES[name]
-        _atomic_write(paths[name], render_png(plot(typed)))
-    _atomic_write(paths["report"], render_markdown(typed).encode())
+        atomic_write_bytes(paths[name], render_png(plot(typed)))
+    atomic_write_bytes(paths["report"], render_markdown(typed).encode())
     return paths
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,56 @@
+"""Small whole runs for tests: a briefly trained tiny checkpoint and a synthetic scenario.
+
+The model trains for a few seconds on the synthetic data set, so its exits disagree in
+confidence (an untrained model answers everything at one exit) and a run exercises every
+part: early and late exits, head updates, drift windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from backbones import create_backbone
+from backbones.checkpoint import save_checkpoint
+from specialize.zoo import input_transform
+from streams.datasets.synthetic import make_synthetic
+
+DATASET_OPTIONS = {"num_classes": 10, "samples_per_class": 40, "image_size": 16}
+# overrides of a small, quick run: exits spread over all four at these thresholds
+RUN_OVERRIDES = ["policy.thresholds=0.4", "updater.update_every=8", "updater.batch_size=16",
+                 "drift.window=40", "drift.alarm_window=30", "progress=false"]
+
+
+def trained_tiny_checkpoint(path: Path, steps: int = 30) -> Path:
+    """Train a tiny 16x16 multi-exit model on synthetic data for ``steps`` steps; save it."""
+    torch.manual_seed(0)
+    model = create_backbone("tiny_resnet", num_classes=10, in_chans=1, input_size=(1, 16, 16))
+    data = make_synthetic(split="train", **DATASET_OPTIONS)
+    x = input_transform(model, data)(data.images)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(data.labels), (32,), generator=generator)
+        logits = model.forward_exits(x[rows]).logits
+        loss = sum(F.cross_entropy(z, data.labels[rows]) for z in logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_checkpoint(path, model.eval())
+
+
+def synthetic_scenario(path: Path, length: int = 150) -> Path:
+    """Write a two-phase scenario on the synthetic data set (classes 0-3, then 5-8).
+
+    The switch makes the drift alarm fire (and reset the heads) once after it.
+    """
+    phases = [{"scenario": "subset", "name": name, "classes": classes, "length": length}
+              for name, classes in (("low", [0, 1, 2, 3]), ("high", [5, 6, 7, 8]))]
+    scenario = {"scenario": "phases", "dataset": "synthetic", "split": "test", "seed": 0,
+                "holdout_fraction": 0.25, "dataset_options": DATASET_OPTIONS, "phases": phases}
+    path.write_text(yaml.safe_dump(scenario))
+    return path
