@@ -114,6 +114,7 @@ class Job:
     switch_before: int | None = None
     switch_after: int = 500
     fresh_length: int = 2000
+    reuse: bool = False  # read a finished run folder of the same config instead of running
 
 
 # -- argument parsing ----------------------------------------------------------------------
@@ -384,8 +385,45 @@ def run_main(job: Job) -> dict[str, Any]:
     """``run_experiment`` on the job's config; the summary's goal figures."""
     from specialize.run import run_experiment
 
-    summary, out_dir = run_experiment(main_config(job))
+    config = main_config(job)
+    finished = finished_summary(config) if job.reuse else None
+    if finished is not None:
+        return {**main_record(finished, config.out), "reused": True}
+    summary, out_dir = run_experiment(config)
     return main_record(summary.to_json_dict(), out_dir)
+
+
+# fields of a run config that do not change its results
+RUNTIME_FIELDS = frozenset({"out", "progress", "state", "save_every"})
+
+
+def finished_summary(config) -> dict[str, Any] | None:
+    """The summary.json in ``config.out`` when that folder finished a run of the same config.
+
+    The same config: the folder's config.yaml agrees with ``config`` on every field it
+    records, runtime fields (out, progress, state, save_every) aside; fields added to the
+    config since take their defaults, which keep earlier behaviour.
+    """
+    import yaml
+
+    from configkit import to_dict
+
+    folder = Path(config.out)
+    if not (folder / "summary.json").exists() or not (folder / "config.yaml").exists():
+        return None
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    current = to_dict(config)
+    if not all(_agrees(value, current.get(key)) for key, value in saved.items()
+               if key not in RUNTIME_FIELDS):
+        return None
+    return json.loads((folder / "summary.json").read_text())
+
+
+def _agrees(saved: Any, current: Any) -> bool:
+    """Whether every field of ``saved`` has the same value in ``current``."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return all(_agrees(v, current.get(k)) for k, v in saved.items())
+    return saved == current
 
 
 def main_record(summary: dict[str, Any], out_dir: Path | str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ Goals (issue 12, each subset): of ceiling >= 0.7, peak after >= before, out >= -
 Usage:
     python benchmarks/tiny_imagenet.py [--subsets dogs,insects,vehicles,food] [--seeds 0,1,2]
         [--strategies anchored,anchored-prior] [--jobs 1] [--no-ceiling] [--set key=value]
-        [--out DIR] [--json] [--save FILE]
+        [--out DIR] [--reuse] [--json] [--save FILE]
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the runs")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling")
     parser.add_argument("--out", default="runs/bench-tiny-imagenet", help="run folders")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read run folders that finished the same config instead of rerunning")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--save", default=None, help="also write the JSON object to this file")
     parser.add_argument("--no-progress", action="store_true")
@@ -101,7 +103,8 @@ def build_jobs(args: argparse.Namespace) -> list[Any]:
             for seed in args.seeds:
                 out = Path(args.out) / strategy / f"{subset}-seed{seed}"
                 jobs.append(spec.Job("main", strategy, str(SCENARIO_DIR / f"{subset}.yaml"), seed,
-                                     (*spec.STRATEGIES[strategy], *args.sets), str(out)))
+                                     (*spec.STRATEGIES[strategy], *args.sets), str(out),
+                                     reuse=args.reuse))
     return jobs
 
 
