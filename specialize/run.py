@@ -19,7 +19,12 @@ from typing import Any
 
 import yaml
 
-from backbones.checkpoint import atomic_torch_save, atomic_write_bytes, load_checkpoint
+from backbones.checkpoint import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    load_checkpoint,
+    read_checkpoint,
+)
 from backbones.contract import MultiExitModel
 from configkit import (
     ConfigError,
@@ -51,6 +56,7 @@ from specialize.zoo import (
     default_model_config,
     model_input_options,
     threads,
+    training_data,
 )
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
@@ -302,7 +308,8 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
     records = RunRecords(checkpoint=checkpoint, measure=config.policy.measure,
                          thresholds=thresholds, before=before, after=after,
-                         specializing=special, frozen=frozen, timings=dict(session.timings))
+                         specializing=special, frozen=frozen, timings=dict(session.timings),
+                         trained_on=training_data(read_checkpoint(checkpoint)))
     summary = build_summary(config, model, stream, records)
     model.heads.load_state_dict(base_heads)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from specialize.summary import (
     UpdaterStats,
     Versions,
 )
+from streams.datasets import shares_images
 from streams.replay import Stream
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class RunRecords:
         specializing: The replay that specialized the heads.
         frozen: The replay with the model frozen (``None`` if not run).
         timings: Seconds per step.
+        trained_on: The ``dataset/split`` names that taught the model (``zoo.training_data``).
     """
 
     checkpoint: str
@@ -165,6 +167,7 @@ class RunRecords:
     specializing: Replay
     frozen: Replay | None
     timings: dict[str, float]
+    trained_on: list[str] = field(default_factory=list)
 
 
 def build_summary(config: RunConfig, model, stream: Stream, records: RunRecords) -> RunSummary:
@@ -185,7 +188,7 @@ def build_summary(config: RunConfig, model, stream: Stream, records: RunRecords)
     history = [DriftWindow.from_json_dict(w) for w in records.specializing.tracker.history()]
     return RunSummary(
         scenario=_scenario_summary(stream),
-        model=_model_summary(model, records),
+        model=_model_summary(model, records, stream),
         class_names=list(stream.class_names),
         thresholds=[float(t) if np.isfinite(t) else None for t in thresholds.tolist()],
         measure=records.measure,
@@ -220,13 +223,20 @@ def _scenario_summary(stream: Stream) -> ScenarioSummary:
     )
 
 
-def _model_summary(model, records: RunRecords) -> ModelSummary:
+def _model_summary(model, records: RunRecords, stream: Stream) -> ModelSummary:
+    shared = None
+    if records.trained_on:
+        dataset, split = stream.config.dataset, stream.config.split
+        overlaps = [shares_images(dataset, split, name.split("/", 1)[1])
+                    if name.split("/")[0] == dataset else False for name in records.trained_on]
+        shared = None if None in overlaps else any(overlaps)
     return ModelSummary(
         name=model.name, num_exits=model.num_exits,
         exit_flops=[int(info["flops"]) for info in model.exit_info],
         exit_flops_specialized=records.specializing.exit_flops,
         gating=bool(model.gating), gate_mode=model.gate_mode, checkpoint=records.checkpoint,
-        flops_unit=FLOPS_CONVENTION,
+        flops_unit=FLOPS_CONVENTION, trained_on=records.trained_on or None,
+        stream_shares_training_images=shared,
     )
 
 

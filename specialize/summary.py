@@ -240,6 +240,10 @@ class ModelSummary(JsonRecord):
     flops_unit: str = FLOPS_CONVENTION  # what the FLOPs figures count
     # accuracy (%) of each exit, when known (runs do not record it; the report shows n/a)
     exit_accuracy: list[float] | None = _field(omit_if_none=True)
+    # ``dataset/split`` names that taught the model, and whether the stream's split shares an
+    # image with them (None: not known for this data set)
+    trained_on: list[str] | None = _field(omit_if_none=True)
+    stream_shares_training_images: bool | None = _field(omit_if_none=True)
 
 
 @dataclass

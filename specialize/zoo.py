@@ -170,6 +170,24 @@ def validation_data(train_config: dict[str, Any]) -> ArrayDataset:
     return data.subset(range(len(data) - size, len(data)), name=f"{data.name}:validation")
 
 
+def training_data(meta: dict[str, Any]) -> list[str]:
+    """The ``dataset/split`` names whose images taught a checkpoint's model.
+
+    Args:
+        meta: A checkpoint without its tensors (``load_checkpoint``'s second value).
+
+    Returns:
+        The training data, plus a ``frozen_backbone`` recipe's validation split (it chooses
+        the heads); empty when the checkpoint does not say.
+    """
+    name = (meta.get("data") or {}).get("name")
+    names = [name] if name else []
+    config = meta.get("train_config") or {}
+    if name and config.get("recipe") == "frozen_backbone" and config.get("val_split"):
+        names.append(f"{name.split('/')[0]}/{config['val_split']}")
+    return names
+
+
 def load_train_config_dict(data: dict[str, Any]) -> ModelRecipe:
     """A model config from the plain dict a checkpoint stores."""
     data = dict(data)

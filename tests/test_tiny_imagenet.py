@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from streams.datasets.tiny_imagenet import (
 
 WNIDS = ["n02", "n01", "n03"]  # sorted: n01 -> 0, n02 -> 1, n03 -> 2
 NUMBERS = [0, 1, 229, 230, 249, 250, 399]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _jpeg(value: int, mode: str = "RGB") -> bytes:
@@ -147,3 +149,29 @@ def test_real_archive_has_the_documented_splits():
     assert len(data) == 200 * 20
     assert np.array_equal(data.class_counts().numpy(), np.full(200, 20))
     assert data.class_names[24] == "Chihuahua"
+
+
+@pytest.mark.tiny_imagenet
+@pytest.mark.skipif(_shared_zip() is None,
+                    reason=f"real Tiny-ImageNet absent: set {TINY_IMAGENET_ENV} to the zip")
+def test_small_end_to_end_run_on_the_shared_data(tmp_path, one_thread):
+    """Prepare a small Lite0 with exits (64 px, 8 images a class), then specialize on dogs."""
+    from specialize.cli import main
+
+    checkpoint = tmp_path / "lite0.pt"
+    config = REPO / "configs" / "backbones" / "tiny_imagenet_lite0.yaml"
+    small = ["per_class_limit=8", "model_args.input_size=[3,64,64]", "epochs=2", "lrs=[0.003]",
+             "num_threads=1", f"data_root={_shared_zip()}"]
+    assert main(["train", str(config), *small, "--out", str(checkpoint), "--no-progress"]) == 0
+    scenario = REPO / "configs" / "scenarios" / "tiny-imagenet" / "dogs.yaml"
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), f"model.checkpoint={checkpoint}", "length=120",
+                 "eval_out_per_class=1", "policy.thresholds=0.3", "updater.update_every=16",
+                 "updater.batch_size=32", "progress=false", f"out={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["stream"]["specializing"]["exit_histogram"]) == 120
+    assert summary["updater"]["updates"] > 0 and summary["updater"]["error"] is None
+    assert summary["model"]["trained_on"] == ["tiny_imagenet/exits_fit",
+                                              "tiny_imagenet/exits_val"]
+    assert summary["model"]["stream_shares_training_images"] is False
+    assert "no stream or held-out sample is one of them" in (out / "report.md").read_text()

@@ -143,6 +143,7 @@ def _md_model(summary: RunSummary, unit: FlopsUnit) -> list[str]:
     facts = {"name": model.name, "gating": model.gating, "checkpoint": model.checkpoint,
              "num_exits": model.num_exits}
     lines += [f"- **{key}**: {value}" for key, value in facts.items() if value is not None]
+    lines += _md_training_data(model)
     exit_flops, thresholds = model.exit_flops, summary.thresholds
     accuracy = model.exit_accuracy or []
     num_exits = max(len(exit_flops), len(thresholds), len(accuracy))
@@ -155,6 +156,17 @@ def _md_model(summary: RunSummary, unit: FlopsUnit) -> list[str]:
         rows.append([k, threshold, _at(exit_flops, k, unit.format), _at(accuracy, k, pct)])
     headers = ["exit", "threshold", f"{unit.name} to reach (full path)", "accuracy of exit"]
     return lines + [""] + _table(headers, rows)
+
+
+def _md_training_data(model: ModelSummary) -> list[str]:
+    if not model.trained_on:
+        return []
+    overlap = {True: "the stream and its held-out sets come from a split that SHARES images "
+                     "with them",
+               False: "no stream or held-out sample is one of them",
+               None: "whether the stream's split shares images with them is not known"}
+    return [f"- **trained on**: {', '.join(model.trained_on)} "
+            f"({overlap[model.stream_shares_training_images]})"]
 
 
 def _at(values: Sequence[Any], index: int, fmt: Callable[[Any], str]) -> str:

@@ -33,7 +33,7 @@ from streams.datasets.fashion_mnist import (
 )
 from streams.datasets.idx import read_idx
 from streams.datasets.image_folder import load_image_folder
-from streams.datasets.registry import list_datasets, load_dataset
+from streams.datasets.registry import list_datasets, load_dataset, shares_images
 from streams.datasets.synthetic import make_synthetic
 from streams.datasets.tiny_imagenet import (
     TINY_IMAGENET_ENV,
@@ -65,4 +65,5 @@ __all__ = [
     "TINY_IMAGENET_SPLITS",
     "load_dataset",
     "list_datasets",
+    "shares_images",
 ]

@@ -18,7 +18,7 @@ from streams.datasets.cifar10 import load_cifar10
 from streams.datasets.fashion_mnist import load_fashion_mnist
 from streams.datasets.image_folder import load_image_folder
 from streams.datasets.synthetic import load_synthetic, make_synthetic
-from streams.datasets.tiny_imagenet import load_tiny_imagenet
+from streams.datasets.tiny_imagenet import TINY_IMAGENET_SPLIT_PARTS, load_tiny_imagenet
 
 _READERS: dict[str, Callable[..., ArrayDataset]] = {
     "fashion_mnist": load_fashion_mnist,
@@ -29,6 +29,29 @@ _READERS: dict[str, Callable[..., ArrayDataset]] = {
 }
 # Readers that pass ``**options`` on, and the function whose signature lists those options.
 _OPTIONS_OF: dict[str, Callable[..., ArrayDataset]] = {"synthetic": make_synthetic}
+# The images of each split in named parts, for readers whose splits are fixed files.
+_TRAIN_TEST = {"train": frozenset({"train"}), "test": frozenset({"test"})}
+_SPLIT_PARTS: dict[str, dict[str, frozenset[str]]] = {
+    "fashion_mnist": _TRAIN_TEST, "cifar10": _TRAIN_TEST,
+    "tiny_imagenet": TINY_IMAGENET_SPLIT_PARTS,
+}
+
+
+def shares_images(name: str, split: str, other: str) -> bool | None:
+    """Whether two splits of data set ``name`` hold a common image (``None``: not known).
+
+    Example:
+        >>> shares_images("tiny_imagenet", "pool", "exits_fit")
+        False
+        >>> shares_images("fashion_mnist", "train", "train")
+        True
+        >>> shares_images("synthetic", "train", "test") is None
+        True
+    """
+    parts = _SPLIT_PARTS.get(name, {})
+    if split not in parts or other not in parts:
+        return None
+    return bool(parts[split] & parts[other])
 
 
 def list_datasets() -> list[str]:

@@ -47,6 +47,16 @@ TINY_IMAGENET_DEFAULT_ROOT = Path.home() / ".cache" / "specialize" / "tiny-image
 TINY_IMAGENET_SPLITS = ("train", "val", "exits", "exits_fit", "exits_val", "pool")
 EXITS_END = 250  # train images 0..249 of each class teach the exits
 EXITS_FIT_END = 230  # of those, 0..229 fit the heads and 230..249 choose and calibrate them
+# The images of each split in named parts (train file numbers, val): splits share images
+# exactly when their parts meet (streams.datasets.shares_images).
+TINY_IMAGENET_SPLIT_PARTS = {
+    "train": frozenset({"train 0-229", "train 230-249", "train 250-"}),
+    "val": frozenset({"val"}),
+    "exits": frozenset({"train 0-229", "train 230-249"}),
+    "exits_fit": frozenset({"train 0-229"}),
+    "exits_val": frozenset({"train 230-249"}),
+    "pool": frozenset({"train 250-", "val"}),
+}
 _FOLDER = "tiny-imagenet-200"
 _IMAGE_SIZE = 64
 # Per-channel statistics of the 80,000 train images of the shared copy, pixels in [0, 1].
