@@ -17,6 +17,7 @@ import streams.datasets
 # Packages whose every module is run through doctest, and single modules.
 PACKAGES = (configkit, specialize.drift, specialize.updater, streams.datasets)
 SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "specialize.calibration",
+                  "specialize.operating_point",
                   "streams.transforms"]
 # Modules that must hold at least one example (deleting one fails the test, too).
 MUST_HAVE_EXAMPLES = {
