@@ -5,7 +5,7 @@ The public API, importable from the package itself::
     from specialize import ExitPolicy, HeadUpdater, Specializer, UpdaterConfig
 
 Names are imported on first use (PEP 562), so ``import specialize`` stays light and the
-command line starts fast. Each name lives in one module, listed in :data:`__all__`'s map.
+command line starts fast. Each name lives in one module, listed in the ``_EXPORTS`` table.
 """
 
 from __future__ import annotations

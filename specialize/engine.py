@@ -27,7 +27,7 @@ Another floating dtype is cast rather than refused, since float32 is the precisi
 computes in anyway (float16 converts exactly; float64 values beyond float32's range become
 inf, so their rows count as non-finite). An empty batch has nothing to run, skip or learn.
 Skipped rows reach the hooks marked invalid, and the updater never observes them.
-=======
+
 Memory is set by configuration, never by stream length: a step's output (feature maps
 included) lives until its hooks have seen it; after that only running aggregates survive,
 plus a few numbers per sample when records are asked for (:class:`EngineResult`).
@@ -130,7 +130,8 @@ class ExecutorStep:
     batches compact samples that have exited.
 
     Args:
-        model: The multi-exit model (a ``MultiExitNet`` built from timm ResNet blocks).
+        model: The multi-exit model: a ``MultiExitNet``, or a ``timm:`` model that runs
+            stage by stage (``NotImplementedError`` otherwise; see ``make_step_fn``).
     """
 
     def __init__(self, model: MultiExitModel) -> None:
