@@ -300,3 +300,19 @@ def test_one_flops_formatter_for_report_and_backbones():
     assert format_flops(None) == format_flops(float("inf")) == "n/a"
     unit = flops_unit(EXIT_FLOPS)
     assert format_flops(2_500, unit) == "0.00 MFLOPs" and unit.format(19_345_678.0) == "19.35"
+
+
+def test_per_class_plots_of_many_classes_keep_the_stream_and_the_largest_changes():
+    from specialize.report.plots import MAX_CLASSES_SHOWN, plot_per_class_flops
+
+    summary = example_summary()
+    template = summary["per_class"][0]
+    summary["per_class"] = [
+        {**template, "class": c, "name": f"c{c}", "in_stream": c in (50, 51),
+         "flops_before": 100.0, "flops_after": 100.0 + (c if c < 150 else 0)}
+        for c in range(200)]
+    (ax,) = plot_per_class_flops(summary).axes
+    names = [label.get_text() for label in ax.get_xticklabels()]
+    assert len(names) == MAX_CLASSES_SHOWN
+    assert {"c50", "c51", "c149", "c148"} <= set(names) and "c0" not in names
+    assert "176 other classes" in ax.get_title()

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 120
+MAX_CLASSES_SHOWN = 24  # per-class plots of many-class data sets show this many classes
 PLOT_FILES = {
     "curves": "curves.png",
     "exit_histogram": "exit_histogram.png",
@@ -201,11 +202,17 @@ def _exit_labels(summary: RunSummary, num_exits: int) -> list[str]:
 
 # ------------------------------------------------------------------------- per-class FLOPs
 def plot_per_class_flops(summary: RunSummary | Mapping[str, Any]) -> Figure:
-    """Per-class mean FLOPs before and after specialization; in-stream classes shaded."""
+    """Per-class mean FLOPs before and after specialization; in-stream classes shaded.
+
+    With more than ``MAX_CLASSES_SHOWN`` classes, the stream's classes and the other classes
+    whose cost changed most are shown (the title says how many are left out).
+    """
     summary = as_run_summary(summary)
-    rows = summary.per_class
+    rows, hidden = _rows_shown(summary.per_class)
     figure, (ax,) = _figure(size=(max(7.0, 0.7 * len(rows) + 3.0), 4.8))
-    ax.set_title("Per-class mean FLOPs before and after specialization (run's thresholds)")
+    ax.set_title("Per-class mean FLOPs before and after specialization (run's thresholds)"
+                 + (f"; {hidden} other classes with smaller changes not shown" if hidden else ""),
+                 fontsize=9 if hidden else None)
     if not rows:
         _empty_panel(ax, "no per-class results in the summary")
         return figure
@@ -232,6 +239,22 @@ def plot_per_class_flops(summary: RunSummary | Mapping[str, Any]) -> Figure:
     return figure
 
 
+def _rows_shown(rows: list[Any]) -> tuple[list[Any], int]:
+    """At most ``MAX_CLASSES_SHOWN`` rows: the stream's, then the largest cost changes."""
+    if len(rows) <= MAX_CLASSES_SHOWN:
+        return rows, 0
+    in_stream = [row for row in rows if row.in_stream]
+
+    def change(row: Any) -> float:
+        before, after = row.flops_before, row.flops_after
+        return 0.0 if before is None or after is None else abs(after - before)
+
+    others = sorted((row for row in rows if not row.in_stream), key=change, reverse=True)
+    kept = {id(row) for row in [*in_stream, *others][:max(MAX_CLASSES_SHOWN, len(in_stream))]}
+    shown = [row for row in rows if id(row) in kept]
+    return shown, len(rows) - len(shown)
+
+
 # ----------------------------------------------------------------------------------- drift
 def plot_drift(summary: RunSummary | Mapping[str, Any]) -> Figure:
     """Mean FLOPs per drift window: one line per predicted class, plus all samples."""
@@ -246,7 +269,11 @@ def plot_drift(summary: RunSummary | Mapping[str, Any]) -> Figure:
     unit = report_unit(summary)
     ends = floats(i if entry.end is None else entry.end for i, entry in enumerate(history))
     per_window = [entry.mean_flops for entry in history]
-    classes = sorted(set().union(*per_window))
+    classes = _drift_classes(history, stream_classes(summary))
+    hidden = len(set().union(*per_window)) - len(classes)
+    if hidden:
+        ax.set_title(f"Compute drift per predicted class (windows of {window} samples; "
+                     f"{hidden} rarely predicted classes not drawn)", fontsize=9)
     names, in_stream = class_names(summary, max(classes, default=-1) + 1), stream_classes(summary)
     colours = _class_colours(len(names))
     for c in classes:
@@ -261,6 +288,20 @@ def plot_drift(summary: RunSummary | Mapping[str, Any]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return figure
+
+
+def _drift_classes(history: list[DriftWindow], in_stream: set[int] | Any) -> list[int]:
+    """The classes to draw: every one, or the stream's and the most predicted others."""
+    seen = set().union(*(entry.mean_flops for entry in history))
+    if len(seen) <= MAX_CLASSES_SHOWN:
+        return sorted(seen)
+    totals: dict[int, int] = {}
+    for entry in history:
+        for c, count in entry.counts.items():
+            totals[c] = totals.get(c, 0) + count
+    others = sorted((c for c in seen if c not in in_stream), key=lambda c: -totals.get(c, 0))
+    chosen = [c for c in seen if c in in_stream]
+    return sorted(chosen + others[:max(0, MAX_CLASSES_SHOWN - len(chosen))])
 
 
 def _class_colours(count: int) -> list[Any]:
