@@ -21,19 +21,9 @@ from specialize.report import (
     to_jsonable,
     write_report,
 )
+from streams.datasets import FASHION_MNIST_CLASSES
 
-CLASS_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+CLASS_NAMES = list(FASHION_MNIST_CLASSES)
 STREAM_CLASSES = [5, 7, 9]
 EXIT_FLOPS = [2_400_000, 9_800_000, 21_500_000, 37_200_000]
 
