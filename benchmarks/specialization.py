@@ -61,13 +61,15 @@ from tqdm import tqdm
 
 # The first recipe, as the engine and curves issues shipped it: SGD on the plain heads.
 _FIRST_RECIPE = ["updater.optimizer=sgd", "updater.lr=0.01", "updater.batch_size=32"]
+# pseudo-labels: the answering exit's own (the default before pseudo_label=prior)
+_SELECTED = "updater.pseudo_label=selected"
 STRATEGIES: dict[str, list[str]] = {
-    "plain": ["updater.strategy=plain", *_FIRST_RECIPE],
-    "soft": ["updater.strategy=plain", "updater.target=soft", *_FIRST_RECIPE],
-    "plain-adam": ["updater.strategy=plain"],
-    "anchored-sgd": ["updater.strategy=anchored", *_FIRST_RECIPE],
-    "anchored": ["updater.strategy=anchored"],  # the default (UpdaterConfig's defaults)
-    # pseudo-labels under the stream's class prior (specialize.updater.prior)
+    "plain": ["updater.strategy=plain", _SELECTED, *_FIRST_RECIPE],
+    "soft": ["updater.strategy=plain", "updater.target=soft", _SELECTED, *_FIRST_RECIPE],
+    "plain-adam": ["updater.strategy=plain", _SELECTED],
+    "anchored-sgd": ["updater.strategy=anchored", _SELECTED, *_FIRST_RECIPE],
+    "anchored": ["updater.strategy=anchored", _SELECTED],
+    # pseudo-labels under the stream's class prior (specialize.updater.prior): the default
     "anchored-prior": ["updater.strategy=anchored", "updater.pseudo_label=prior"],
 }
 DEFAULT_SCENARIOS = ("tops", "footwear", "tshirt-vs-shirt", "switch")

@@ -54,7 +54,7 @@ def test_prior_pseudo_labels_teach_other_targets(base, shapes):
     stream = batches(shapes, 8, batch=32, exit_index=torch.full((32,), 3))
     for _, _, logits, _ in stream:
         logits[:, :2] += 1.0
-    plain = HeadUpdater(copy.deepcopy(base), fast_config())
+    plain = HeadUpdater(copy.deepcopy(base), fast_config(pseudo_label="selected"))
     prior = HeadUpdater(copy.deepcopy(base), fast_config(pseudo_label="prior"))
     for batch in stream:
         plain.observe(*batch)

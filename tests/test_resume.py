@@ -27,7 +27,8 @@ from tests.runs import RUN_OVERRIDES, synthetic_scenario, trained_tiny_checkpoin
 REPO = Path(__file__).resolve().parents[1]
 WALL_CLOCK_KEYS = ("timings", "samples_per_second")
 # small caps, so that resuming also covers merged tracker windows and truncated alarms
-OVERRIDES = [*RUN_OVERRIDES, "drift.max_windows=4", "drift.max_alarms=1"]
+OVERRIDES = [*RUN_OVERRIDES, "drift.max_windows=4", "drift.max_alarms=1",
+             "drift.alarm_threshold=0.15"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

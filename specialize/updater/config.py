@@ -27,10 +27,11 @@ class UpdaterConfig:
     anchor_weight: float = 0.5
     # pseudo-label kind: "hard" (argmax of the selected exit) or "soft" (its softened softmax)
     target: str = "hard"
-    # pseudo-label source: "selected" (the answering exit's posterior) or "prior" (the same
-    # times the stream's class prior, estimated from the served predictions; the answers
-    # themselves do not change: specialize.updater.prior)
-    pseudo_label: str = "selected"
+    # pseudo-label source: "prior" (the answering exit's posterior times the stream's class
+    # prior, estimated from the served predictions; the answers themselves do not change:
+    # specialize.updater.prior) or "selected" (the answering exit's posterior alone, the
+    # default before: 0.46 -> 0.84 of the supervised ceiling on Tiny-ImageNet, see README)
+    pseudo_label: str = "prior"
     # "prior" only: the prior reflects about this many recent samples
     prior_window: int = 1000
     # softening temperature of "soft" targets; the student is softened alike and the loss
