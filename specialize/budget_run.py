@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 DEFAULT_AUDIT_RATE = 0.03  # with a budget and no engine.audit_rate: about 90 of 3,000 samples
 
-__all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_replay", "budget_section",
-           "stream_pass"]
+__all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_phase", "budget_replay",
+           "budget_section", "stream_pass"]
 
 
 def audit_rate(config: RunConfig) -> float:
@@ -138,6 +138,22 @@ def stream_pass(model, stream, config: RunConfig) -> ExitPass:
     return exit_pass(model, stream.raw_images(), stream.evaluator().labels, stream.transform,
                      measure=config.policy.measure, batch_size=config.evaluation.batch_size,
                      progress=config.progress, desc="stream (final exit)")
+
+
+def budget_phase(config: RunConfig, session, model, checkpoint: str,
+                 stream) -> tuple[BudgetInputs | None, ExitPass | None]:
+    """The run's budget inputs and its ``stream_pass`` phase (``None, None``: both off).
+
+    The stream pass runs with the base heads, right after the curves before, and is saved
+    with the run's state; the validation pass runs when a replay first needs it.
+    """
+    if not budget_enabled(config):
+        return None, None
+    fields = ("confidence", "pred", "flops", "labels")
+    streamed = session.phase("stream_pass", lambda: stream_pass(model, stream, config),
+                             lambda p: {name: getattr(p, name) for name in fields},
+                             lambda state: ExitPass(**state))
+    return BudgetInputs(model, checkpoint, stream.transform, config), streamed
 
 
 def _drop_at(passed: ExitPass | None, thresholds: list[float | None]) -> float | None:

@@ -42,10 +42,9 @@ from specialize.anchoring import heads_state, serve_heads_state, unanchor_heads
 from specialize.budget_run import (
     BudgetInputs,
     audit_rate,
-    budget_enabled,
+    budget_phase,
     budget_replay,
     budget_section,
-    stream_pass,
 )
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.drift.tracker import DEFAULT_MAX_WINDOWS
@@ -306,11 +305,7 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
     thresholds = build_policy(config).thresholds_tensor(model.num_exits)
     before = session.phase("curves_before", lambda: _eval_sets(model, stream, config, "before"),
                            _passes_state, _passes_from_state)
-    budget = None
-    if budget_enabled(config):  # evaluation side: every exit over the stream, with labels
-        streamed = session.phase("stream_pass", lambda: stream_pass(model, stream, config),
-                                 _pass_state, _pass_from_state)
-        budget = BudgetInputs(model, checkpoint, stream.transform, config)
+    budget, streamed = budget_phase(config, session, model, checkpoint, stream)
     base_heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
     frozen = None
     if config.evaluation.frozen_replay:
@@ -459,13 +454,6 @@ def _passes_from_state(state: dict[str, Any]) -> EvalSplits[ExitPass]:
     return EvalSplits(*(None if state[split] is None else ExitPass(**state[split])
                         for split in ("in", "out")))
 
-
-def _pass_state(passed: ExitPass) -> dict[str, Any]:
-    return {name: getattr(passed, name) for name in ("confidence", "pred", "flops", "labels")}
-
-
-def _pass_from_state(state: dict[str, Any]) -> ExitPass:
-    return ExitPass(**state)
 
 
 def _replay(model, stream: Stream, config: RunConfig, session: RunSession, *,

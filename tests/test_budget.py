@@ -15,6 +15,7 @@ from specialize.drift import ClassMixDriftDetector
 from specialize.engine import ExecutorStep, reference_step
 from specialize.evaluation import exit_pass, operating_point
 from specialize.policy import ExitPolicy
+from specialize.report import format_headline
 from specialize.specializer import Specializer
 from specialize.summarize import OnlineScore
 from specialize.updater import HeadUpdater, UpdaterConfig
@@ -24,6 +25,7 @@ from tests.conftest import randomize_batchnorm, randomize_gates, tiny_model
 from tests.runs import DATASET_OPTIONS, RUN_OVERRIDES, synthetic_scenario, trained_tiny_checkpoint
 
 THRESHOLD = 0.4  # the tiny trained model answers at every exit at this threshold
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,34 @@ def test_a_run_with_a_budget_reports_estimates_beside_the_truth(trained, tmp_pat
         assert 0 < entry["audits"] < 300 and 0 < entry["audit_flops_share"] < 1
         assert entry["true_drop_stream"] is not None and entry["true_drop_eval_in"] is not None
     assert section["hindsight"]["budget"]["drop"] <= 2.0 + 1e-9
+    assert (tmp_path / "run" / "thresholds.png").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Operating point: budget and audits" in report and "thresholds.png" in report
+    assert "label-free" in format_headline(summary)
+
+
+def test_async_serving_with_audits_and_a_budget_runs_through(trained):
+    _, model, train, test, transform = trained
+    model = copy.deepcopy(model)
+    evidence = exit_pass(model, train.images, train.labels, transform, keep_head_inputs=True)
+    config = UpdaterConfig(mode="async", update_every=8, batch_size=16, audit_baseline=10,
+                           audit_window=10)
+    with HeadUpdater(model, config) as updater:
+        specializer = Specializer(model, ExitPolicy(), updater, audit_rate=0.5,
+                                  controller=BudgetController(evidence, 3.0, retune_every=30))
+        specializer.run(_Inputs(transform(test.images[:150])), progress=False)
+        assert updater.error is None and updater.stats()["published"] >= 1
+    assert specializer.audit_log.count > 30 and specializer.controller.retunes >= 5
+
+
+class _Inputs:
+    """The least a Specializer needs of a stream: inputs by position, a length."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def inputs(self, batch_size: int, start: int, stop: int):
+        return self.x[start:stop].split(batch_size)
