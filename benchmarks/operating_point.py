@@ -23,6 +23,7 @@ tiny-imagenet/; only when ``$SPECIALIZE_TINY_IMAGENET`` exists).
 Usage:
     python benchmarks/operating_point.py [--scenarios tops,footwear,tshirt-vs-shirt]
         [--seeds 0,1,2] [--jobs 1] [--json] [--save FILE] [--out DIR]
+    python benchmarks/operating_point.py --load FILE   # the table of saved records
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/operating_point"))
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--save", type=Path, help="write the records as JSON to this file")
+    parser.add_argument("--load", type=Path, help="print the table and goals of records "
+                        "saved with --save instead of running")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -201,7 +204,7 @@ def _cell(values: list[float | None], digits: int = 2) -> str:
 
 def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
     columns = ["scenario", "run", "stream MFLOPs", "audit share %", "true drop stream",
-               "true drop eval_in", "est. drop", "bound", "disagreement %", "belief ± se"]
+               "true drop eval_in", "est. drop", "bound", "disagreement %", "belief (pt)"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     scenarios = list(dict.fromkeys(s for s, _ in per_seed))
@@ -209,7 +212,8 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
         rows = [r for (s, _), r in per_seed.items() if s == scenario]
         print(f"| {scenario} | fixed 0.9 frozen | {_cell([r['fixed_mflops'] for r in rows])} "
               "| | | | | | | |")
-        keys = sorted({k for r in rows for k in r if k.startswith(("frozen_", "specializing_"))})
+        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)
+                       and k.startswith(("frozen_", "specializing_"))})
         for key in keys:
             entries = [r[key] for r in rows if key in r]
             cells = [_cell([e[f] for e in entries]) for f in (
@@ -228,6 +232,10 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.load:
+        records = json.loads(args.load.read_text())
+        per_seed = {(r.pop("scenario"), r.pop("seed")): r for r in records}
+        return report(per_seed, args)
     jobs = [(scenario, args.dataset, seed, variant,
              str(args.out / f"{scenario}-seed{seed}-{variant}"))
             for scenario in args.scenarios for seed in args.seeds for variant in VARIANTS]
@@ -249,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     records = [{"scenario": s, "seed": seed, **row} for (s, seed), row in per_seed.items()]
     if args.save:
         args.save.write_text(json.dumps(records, indent=2) + "\n")
+    return report(per_seed, args)
+
+
+def report(per_seed: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> int:
+    """Print the records (``--json``) or the table and the goals."""
     if args.json:
+        records = [{"scenario": s, "seed": seed, **row} for (s, seed), row in per_seed.items()]
         print(json.dumps(records, indent=2))
         return 0
     print_table(per_seed)

@@ -54,6 +54,15 @@ def test_figures_give_the_ratios_of_the_goals(bench):
     assert all(marks.values())
 
 
+def test_the_table_prints_every_run(bench, capsys):
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.4)).items()}
+    bench.print_table(per_seed)
+    text = capsys.readouterr().out
+    for label in ("fixed 0.9 frozen", "frozen @0.5", "specializing @0.5", "specializing @1.0",
+                  "hindsight @0.5"):
+        assert label in text
+
+
 def test_a_drop_beyond_budget_plus_slack_fails(bench):
     per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.76)).items()}
     marks = bench.goals(per_seed)
