@@ -36,6 +36,7 @@ plus a few numbers per sample when records are asked for (:class:`EngineResult`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from backbones import MultiExitModel
 from backbones.cost import flops_per_sample
+from backbones.executor.runner import AuditRecorder, AuditTrace
 from backbones.exit_rule import accepts, confidence, exit_thresholds
 from backbones.inputs import check_finite, finite_rows, prepare_inputs
 from specialize.policy import ExitPolicy
@@ -65,6 +67,8 @@ class StepOutput:
         features: Per evaluated exit, the head inputs: rows aligned with the batch, or a
             ``(features_k, rows_k)`` pair naming the batch rows it holds.
         valid: Which samples were processed ``(B,)`` bool.
+        audit: The audited samples' every exit's answer (``None``: none audited); their
+            FLOPs after the answer are ``audit.extra_flops``, not in ``flops``.
     """
 
     pred: Tensor
@@ -74,6 +78,7 @@ class StepOutput:
     selected_logits: Tensor
     features: list[Tensor]
     valid: Tensor
+    audit: AuditTrace | None = None
 
 
 class StepHook(Protocol):
@@ -83,13 +88,15 @@ class StepHook(Protocol):
         """Consume one step's output."""
 
 
-def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> StepOutput:
+def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy,
+                   audit: Tensor | None = None) -> StepOutput:
     """Run exits lazily until every sample in ``x`` has answered (no compaction).
 
     Args:
         model: A multi-exit model in eval mode.
         x: Valid inputs ``(B, C, H, W)``.
         policy: Confidence measure and thresholds.
+        audit: bool ``(B,)``: rows that run on to the final exit after answering.
 
     Returns:
         The step output (``valid`` all true).
@@ -102,6 +109,8 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
     chosen_conf = torch.zeros(batch)
     selected = None
     outputs = None
+    recorder = None if audit is None else AuditRecorder(audit, model.num_exits)
+    every_row = torch.arange(batch)
     for k, outputs in enumerate(model.iter_exits(x)):
         logits = outputs.logits[k]
         conf = confidence(logits, policy.measure)
@@ -112,13 +121,20 @@ def reference_step(model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> Step
         chosen_conf[newly] = conf[newly].float()
         selected = logits.clone() if selected is None else torch.where(newly[:, None], logits,
                                                                        selected)
-        if bool((exit_index >= 0).all()):
+        if recorder is not None:
+            recorder.record(every_row, k, logits, conf, 0)
+        elif bool((exit_index >= 0).all()):
             break
     flops = flops_per_sample(model, outputs.gates, exit_index)
+    trace = None
+    if recorder is not None:
+        recorder.final_flops = flops_per_sample(
+            model, outputs.gates, torch.full_like(exit_index, model.num_exits - 1))[recorder.rows]
+        trace = recorder.result(flops)
     return StepOutput(
         pred=selected.argmax(dim=1), exit_index=exit_index, confidence=chosen_conf,
         flops=flops, selected_logits=selected, features=outputs.features,
-        valid=torch.ones(batch, dtype=torch.bool),
+        valid=torch.ones(batch, dtype=torch.bool), audit=trace,
     )
 
 
@@ -140,17 +156,18 @@ class ExecutorStep:
         self.model = model
         self.executor = DynamicExecutor(model.eval())
 
-    def __call__(self, model: MultiExitModel, x: Tensor, policy: ExitPolicy) -> StepOutput:
-        """Run one batch through the executor and convert its result."""
+    def __call__(self, model: MultiExitModel, x: Tensor, policy: ExitPolicy,
+                 audit: Tensor | None = None) -> StepOutput:
+        """Run one batch through the executor (``audit``: rows that run on to the final exit)."""
         if model is not self.model:
             raise ValueError("this ExecutorStep was built for another model")
         result = self.executor.run(x, policy.thresholds, policy.measure,
-                                   check_inputs=False)  # Engine.step checked x
+                                   check_inputs=False, audit=audit)  # Engine.step checked x
         return StepOutput(
             pred=result.pred, exit_index=result.exit_index, confidence=result.confidence,
             flops=result.flops, selected_logits=result.logits,
             features=list(zip(result.features, result.evaluated)),
-            valid=torch.ones(x.shape[0], dtype=torch.bool),
+            valid=torch.ones(x.shape[0], dtype=torch.bool), audit=result.audit,
         )
 
 
@@ -218,7 +235,9 @@ class EngineResult:
         samples: Samples seen, skipped ones included.
         skipped: Samples skipped as invalid.
         flops_sum: FLOPs spent over the valid samples (exact: an int for the engine's int64
-            FLOPs; a multiply-add counts 2).
+            FLOPs; a multiply-add counts 2), audits included.
+        audits: Samples audited (run on to the final exit after answering).
+        audit_flops_sum: The part of ``flops_sum`` spent after audited samples answered.
         seconds: Wall-clock seconds of the engine steps.
         extra: Free-form values a caller attaches.
     """
@@ -228,6 +247,8 @@ class EngineResult:
         self.samples = 0
         self.skipped = 0
         self.flops_sum = 0
+        self.audits = 0
+        self.audit_flops_sum = 0
         self.seconds = 0.0
         self.extra: dict[str, Any] = {}
         self._exit_counts = torch.zeros(self.num_exits, dtype=torch.long)
@@ -249,6 +270,11 @@ class EngineResult:
         flops = output.flops[valid] if answered < count else output.flops
         self.flops_sum += flops.sum().item()
         self._exit_counts += torch.bincount(exits, minlength=self.num_exits)
+        if output.audit is not None:
+            extra = output.audit.extra_flops.sum().item()
+            self.audits += int(output.audit.rows.numel())
+            self.audit_flops_sum += extra
+            self.flops_sum += extra
         if self._records is not None:
             self._records.append({name: getattr(output, name) for name in _RECORD_DTYPES})
 
@@ -259,7 +285,7 @@ class EngineResult:
 
     @property
     def mean_flops(self) -> float:
-        """Mean FLOPs per valid sample (NaN when none was valid)."""
+        """Mean FLOPs per valid sample, audits included (NaN when none was valid)."""
         return self.flops_sum / self.answered if self.answered else float("nan")
 
     @property
@@ -289,7 +315,8 @@ class EngineResult:
         """The aggregates (plain values; the records are not part of the state)."""
         return {"num_exits": self.num_exits, "samples": self.samples, "skipped": self.skipped,
                 "flops_sum": self.flops_sum, "seconds": self.seconds,
-                "exit_counts": self._exit_counts.tolist()}
+                "exit_counts": self._exit_counts.tolist(), "audits": self.audits,
+                "audit_flops_sum": self.audit_flops_sum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from saved aggregates (records kept from here on start empty)."""
@@ -299,6 +326,8 @@ class EngineResult:
         self.samples, self.skipped = int(state["samples"]), int(state["skipped"])
         self.flops_sum, self.seconds = state["flops_sum"], float(state["seconds"])
         self._exit_counts = torch.tensor(state["exit_counts"], dtype=torch.long)
+        self.audits = int(state.get("audits", 0))
+        self.audit_flops_sum = state.get("audit_flops_sum", 0)
 
 
 class InputChecker:
@@ -348,13 +377,19 @@ class Engine:
         on_bad_input: ``error`` or ``skip`` (see :class:`InputChecker`).
         serving: Context-manager factory held around each inference step (the async updater
             provides one so that a step never sees half-published heads).
+        audits: Draws which samples are audited (``specialize.audits.AuditSampler``; the
+            step routine must then take an ``audit`` row mask); ``None``: no audits.
+
+    Attributes:
+        policy: The policy of the next step; a budget controller replaces it between steps.
     """
 
     def __init__(
         self, model: MultiExitModel, policy: ExitPolicy, *, hooks: Iterable[StepHook] = (),
-        step_fn: Callable[[MultiExitModel, Tensor, ExitPolicy], StepOutput] = reference_step,
+        step_fn: Callable[..., StepOutput] = reference_step,
         on_bad_input: str = "error",
         serving: Callable[[], contextlib.AbstractContextManager] | None = None,
+        audits: Any = None,
     ) -> None:
         self.model = model.eval()
         self.policy = policy
@@ -363,11 +398,14 @@ class Engine:
         self.check = InputChecker(model.input_size, on_bad_input,
                                   next(model.parameters()).dtype)
         self.serving = serving or contextlib.nullcontext
+        self.audits = audits
 
     @torch.no_grad()
-    def _infer(self, x: Tensor) -> StepOutput:
+    def _infer(self, x: Tensor, audit: Tensor | None = None) -> StepOutput:
         with self.serving():
-            return self.step_fn(self.model, x, self.policy)
+            if audit is None or not bool(audit.any()):
+                return self.step_fn(self.model, x, self.policy)
+            return self.step_fn(self.model, x, self.policy, audit=audit)
 
     def step(self, x: Tensor) -> StepOutput:
         """Process one batch: infer valid rows, then call every hook.
@@ -378,11 +416,13 @@ class Engine:
         x, valid = self.check(x)
         if x.shape[0] == 0:
             return _blank_output(valid, self.model.num_classes)
+        audit = None if self.audits is None else self.audits.draw(valid)
         if bool(valid.all()):
-            output = self._infer(x)
+            output = self._infer(x, audit)
         else:
-            output = _scatter_valid(self._infer(x[valid]) if valid.any() else None, valid,
-                                    self.model.num_classes)
+            output = _scatter_valid(
+                self._infer(x[valid], None if audit is None else audit[valid])
+                if valid.any() else None, valid, self.model.num_classes)
         for hook in self.hooks:
             hook.on_step(output)
         return output
@@ -448,6 +488,8 @@ def _scatter_valid(output: StepOutput | None, valid: Tensor, num_classes: int) -
     for name in ("pred", "exit_index", "confidence", "flops", "selected_logits"):
         getattr(full, name)[valid] = getattr(output, name).to(getattr(full, name).dtype)
     valid_rows = valid.nonzero().squeeze(1)
+    if output.audit is not None:
+        full.audit = dataclasses.replace(output.audit, rows=valid_rows[output.audit.rows])
     for features in output.features:
         if isinstance(features, tuple):  # (features_k, rows_k) from the executor
             full.features.append((features[0], valid_rows[features[1]]))

@@ -21,7 +21,7 @@ from backbones.exit_rule import (
     normalize_thresholds,
     select_exits,
 )
-from configkit import ConfigError, check_choice, check_fields
+from configkit import ConfigError, check_choice, check_fields, check_int, check_number
 from specialize.curves import (
     ArrayLike,
     CurvePoints,
@@ -64,10 +64,21 @@ class ExitPolicy:
             sequence of ``K - 1``, or ``K`` whose last entry is ignored). ``+inf`` disables an
             exit. The last exit always answers. The default suits ``max_softmax``/``margin``;
             ``neg_entropy`` values are ``<= 0``.
+        budget: Allowed accuracy drop against the final exit, in points: the run's budget
+            controller (``specialize.controller``) then chooses one shared threshold online,
+            label-free, and ``thresholds`` only serves the held-out operating points.
+            ``None``: the fixed ``thresholds``.
+        budget_confidence: One-sided confidence that the estimated drop holds the budget.
+        retune_every: With a budget: samples between regular threshold choices.
+        history_size: With a budget: threshold choices kept in the summary (the last).
     """
 
     measure: str = "max_softmax"
     thresholds: float | tuple[float, ...] = 0.9
+    budget: float | None = None
+    budget_confidence: float = 0.95
+    retune_every: int = 500
+    history_size: int = 200
 
     def __post_init__(self) -> None:
         if hasattr(self.thresholds, "tolist"):  # a numpy or torch scalar or array
@@ -75,6 +86,10 @@ class ExitPolicy:
         check_fields(self)  # a YAML list of thresholds becomes a tuple of floats
         check_choice("measure", self.measure, CONFIDENCE_MEASURES)
         _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
+        check_number("budget", self.budget, ge=0, optional=True)
+        check_number("budget_confidence", self.budget_confidence, ge=0.5, lt=1)
+        check_int("retune_every", self.retune_every, ge=1)
+        check_int("history_size", self.history_size, ge=1)
 
     def thresholds_tensor(self, num_exits: int) -> Tensor:
         """The thresholds as configured, ``(num_exits,)`` float64, last entry ``-inf``.

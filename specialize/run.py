@@ -39,6 +39,13 @@ from configkit import (
     to_dict,
 )
 from specialize.anchoring import heads_state, serve_heads_state, unanchor_heads
+from specialize.budget_run import (
+    BudgetInputs,
+    audit_rate,
+    budget_phase,
+    budget_replay,
+    budget_section,
+)
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.drift.tracker import DEFAULT_MAX_WINDOWS
 from specialize.engine import BAD_INPUT_ACTIONS, EngineResult, StepHook, make_step_fn
@@ -92,10 +99,15 @@ class EngineConfig:
     num_threads: int | None = 1
     # malformed or non-finite inputs: error | skip (skipped samples are counted)
     on_bad_input: str = "error"
+    # share of samples audited: run on to the final exit after answering (label-free
+    # checks: the updater's health, the summary's estimates); None: 0.03 with policy.budget,
+    # else 0 (no audit)
+    audit_rate: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_int("batch_size", self.batch_size, ge=1)
+        check_number("audit_rate", self.audit_rate, ge=0, le=1, optional=True)
         check_threads("num_threads", self.num_threads)
         check_choice("on_bad_input", self.on_bad_input, BAD_INPUT_ACTIONS)
 
@@ -293,14 +305,17 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
     thresholds = build_policy(config).thresholds_tensor(model.num_exits)
     before = session.phase("curves_before", lambda: _eval_sets(model, stream, config, "before"),
                            _passes_state, _passes_from_state)
+    budget, streamed = budget_phase(config, session, model, checkpoint, stream)
     base_heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
     frozen = None
     if config.evaluation.frozen_replay:
         frozen = session.phase(
-            "stream_frozen", lambda: _replay(model, stream, config, session, specialize=False),
+            "stream_frozen",
+            lambda: _replay(model, stream, config, session, specialize=False, budget=budget),
             Replay.state_dict, Replay.from_state_dict)
     special = session.phase(
-        "stream_specializing", lambda: _replay(model, stream, config, session, specialize=True),
+        "stream_specializing",
+        lambda: _replay(model, stream, config, session, specialize=True, budget=budget),
         Replay.state_dict, Replay.from_state_dict)
     after = session.phase("curves_after",
                           lambda: _curves_after(model, stream, config, special, before),
@@ -310,6 +325,8 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
                          thresholds=thresholds, before=before, after=after,
                          specializing=special, frozen=frozen, timings=dict(session.timings),
                          trained_on=training_data(read_checkpoint(checkpoint)))
+    if budget is not None:
+        records.budget = budget_section(config, budget, records, streamed)
     summary = build_summary(config, model, stream, records)
     model.heads.load_state_dict(base_heads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +361,12 @@ def build_policy(config: RunConfig) -> ExitPolicy:
 
 def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
                       tracker: ClassCostTracker | None = None,
-                      hooks: Iterable[StepHook] = ()) -> Specializer:
-    """A specializer wired as the run config says: policy, drift alarm, executor, bad input.
+                      hooks: Iterable[StepHook] = (), controller: Any = None,
+                      audit_temperature: float = 1.0) -> Specializer:
+    """A specializer wired as the run config says: policy, alarm, executor, inputs, audits.
+
+    Audits (``engine.audit_rate``) are drawn with the scenario's seed, so both replays of a
+    stream audit the same positions.
 
     Args:
         model: The multi-exit model.
@@ -354,6 +375,9 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
         tracker: Per-class compute tracker (default: one with ``drift.window`` and
             ``drift.max_windows``).
         hooks: More step hooks (e.g. the evaluator's :class:`OnlineScore`).
+        controller: The budget controller (``specialize.budget_run.BudgetInputs``), or
+            ``None`` for fixed thresholds.
+        audit_temperature: Temperature of the audits' belief estimate.
 
     Returns:
         The specializer; :func:`serve_stream` runs it with the config's threads setting.
@@ -368,7 +392,9 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
                        reset_on_alarm=config.drift.reset_on_alarm,
                        step_fn=make_step_fn(model, config.engine.executor),
                        on_bad_input=config.engine.on_bad_input, hooks=hooks,
-                       max_alarms=config.drift.max_alarms)
+                       max_alarms=config.drift.max_alarms, audit_rate=audit_rate(config),
+                       audit_seed=int(config.scenario.get("seed", 0)),
+                       audit_temperature=audit_temperature, controller=controller)
 
 
 def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
@@ -429,16 +455,24 @@ def _passes_from_state(state: dict[str, Any]) -> EvalSplits[ExitPass]:
                         for split in ("in", "out")))
 
 
+
 def _replay(model, stream: Stream, config: RunConfig, session: RunSession, *,
-            specialize: bool) -> Replay:
-    """Replay the stream, frozen or specializing; resumes the progress ``session`` holds."""
+            specialize: bool, budget: BudgetInputs | None = None) -> Replay:
+    """Replay the stream, frozen or specializing; resumes the progress ``session`` holds.
+
+    ``budget``: the validation pass of the budget controller and the audits' temperature.
+    """
     name = "stream_specializing" if specialize else "stream_frozen"
     heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
     updater = HeadUpdater(model, config.updater) if specialize else None
     tracker = ClassCostTracker(model.num_classes, model.num_exits, config.drift.window,
                                config.drift.max_windows)
     score = OnlineScore(stream.evaluator().labels)  # evaluation side: labels stay here
-    specializer = build_specializer(model, config, updater, tracker, hooks=[score])
+    specializer = build_specializer(
+        model, config, updater, tracker, hooks=[score],
+        controller=None if budget is None else budget.controller(),
+        audit_temperature=1.0 if budget is None or not audit_rate(config)
+        else budget.temperature)
     result = EngineResult(model.num_exits, keep_records=False)
     saved = session.progress(name)
     if saved is not None:
@@ -466,6 +500,7 @@ def _replay(model, stream: Stream, config: RunConfig, session: RunSession, *,
         record=stream_record(result, score, stats), tracker=tracker, heads=heads_state(model),
         exit_flops=[int(info["flops"]) for info in model.exit_info],
         alarms=hook.alarms if hook else [], updater=stats, alarm_count=hook.count if hook else 0,
+        budget=budget_replay(specializer, result),
     )
     if updater is None:
         model.heads.load_state_dict(heads_before)

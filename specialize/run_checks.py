@@ -12,7 +12,9 @@ so that a bad value fails in seconds, not after a model was loaded or trained:
 * the model fits the run (:func:`check_model_fits`): the thresholds fit its number of exits,
   and it predicts the data set's classes. Read from the checkpoint's header, so before the
   model is built; when the default model is not prepared yet (its first use) this one check
-  runs right after it is.
+  runs right after it is;
+* with ``policy.budget``, the checkpoint (or the recipe of the default model) holds
+  validation data out of training: the budget controller's evidence.
 
 Every failure is one :class:`configkit.ConfigError` naming the field; a missing data set stays
 a ``FileNotFoundError`` whose message says how to get it.
@@ -26,7 +28,12 @@ from typing import TYPE_CHECKING
 from backbones.checkpoint import read_checkpoint
 from backbones.contract import MultiExitModel
 from configkit import ConfigError, check_choice, from_dict
-from specialize.zoo import default_checkpoint, default_model_config, load_train_config
+from specialize.zoo import (
+    default_checkpoint,
+    default_model_config,
+    load_train_config,
+    load_train_config_dict,
+)
 from streams.datasets import DataFormatError, list_datasets
 from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
@@ -58,7 +65,25 @@ def check_run_inputs(config: RunConfig) -> Stream:
     shape = _checkpoint_shape(config)
     if shape is not None:
         check_model_fits(config, shape, stream)
+    if config.policy.budget is not None:
+        _check_validation_data(config)
     return stream
+
+
+def _check_validation_data(config: RunConfig) -> None:
+    """A budget needs the model's validation data: a ``val_size`` or a ``val_split``."""
+    if config.model.checkpoint is not None:
+        recipe, source = read_checkpoint(config.model.checkpoint).get("train_config"), \
+            f"model.checkpoint {config.model.checkpoint!r}"
+        recipe = load_train_config_dict(recipe) if recipe else None
+    else:
+        path = config.model.train_config or default_model_config(config.dataset)
+        recipe, source = load_train_config(path), f"model.train_config {str(path)!r}"
+    if recipe is None or not getattr(recipe, "val_size", getattr(recipe, "val_split", 0)):
+        raise ConfigError(
+            f"policy.budget: {source} holds no validation data out of training, which the "
+            "budget controller needs; train the model with some held out (specialize train "
+            "CONFIG val_size=5000), or set policy.budget=null for fixed thresholds")
 
 
 def check_model_fits(config: RunConfig, model: MultiExitModel | ModelShape,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from backbones import MultiExitModel
 from backbones.checkpoint import atomic_torch_save
+from specialize.audits import AuditLog, AuditSampler
 from specialize.drift import ClassCostTracker, DriftDetector
 from specialize.engine import Engine, EngineResult, StepHook, StepOutput, reference_step
 from specialize.policy import ExitPolicy
@@ -92,13 +93,21 @@ class Specializer:
         hooks: More step hooks, called after the updater, tracker and alarm (e.g. an
             evaluator's online scoring; they are not part of :meth:`state_dict`).
         max_alarms: Alarm positions kept (the count of all alarms is kept too).
+        audit_rate: Share of samples audited (run on to the final exit after answering;
+            :mod:`specialize.audits`); 0: none, and the engine runs as without audits.
+        audit_seed: Seed of the audit draws.
+        audit_temperature: Temperature of the final exit's softmax in the audits' belief
+            estimate.
+        controller: A :class:`~specialize.controller.BudgetController` that sets the
+            thresholds (``None``: the policy's fixed thresholds).
     """
 
     def __init__(
         self, model: MultiExitModel, policy: ExitPolicy, updater: HeadUpdater | None = None,
         *, tracker: ClassCostTracker | None = None, alarm: DriftDetector | None = None,
         reset_on_alarm: bool = False, step_fn=reference_step, on_bad_input: str = "error",
-        hooks: Iterable[StepHook] = (), max_alarms: int = 1000,
+        hooks: Iterable[StepHook] = (), max_alarms: int = 1000, audit_rate: float = 0.0,
+        audit_seed: int = 0, audit_temperature: float = 1.0, controller: Any = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -111,10 +120,20 @@ class Specializer:
             all_hooks.insert(0, updater)
         if self.alarm_hook is not None:
             all_hooks.append(self.alarm_hook)
+        self.audit_sampler = AuditSampler(audit_rate, audit_seed) if audit_rate > 0 else None
+        self.audit_log = None
+        if self.audit_sampler is not None:  # before the controller: it sees rollbacks at once
+            self.audit_log = AuditLog(model.num_exits, updater, audit_temperature)
+            all_hooks.append(self.audit_log)
+        self.controller = controller
+        if controller is not None:
+            all_hooks.append(controller)
         self.engine = Engine(
             model, policy, hooks=[*all_hooks, *hooks], step_fn=step_fn, on_bad_input=on_bad_input,
-            serving=updater.serving if updater is not None else None,
+            serving=updater.serving if updater is not None else None, audits=self.audit_sampler,
         )
+        if controller is not None:
+            controller.bind(self.engine, updater, self.alarm_hook)
         self.position = 0
 
     def run(self, stream, *, batch_size: int = 1, stop: int | None = None,
@@ -203,6 +222,9 @@ class Specializer:
             "tracker": self.tracker.state_dict(),
             "alarm": self.alarm_hook.state_dict() if self.alarm_hook else None,
             "position": self.position,
+            "audits": None if self.audit_log is None else {
+                "sampler": self.audit_sampler.state_dict(), "log": self.audit_log.state_dict()},
+            "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
     def save(self, path: str | Path, stream=None) -> Path:
@@ -247,6 +269,11 @@ class Specializer:
         self.tracker.load_state_dict(state["tracker"])
         if self.alarm_hook is not None:
             self.alarm_hook.load_state_dict(state["alarm"])
+        if self.audit_log is not None:
+            self.audit_sampler.load_state_dict(state["audits"]["sampler"])
+            self.audit_log.load_state_dict(state["audits"]["log"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
         self.position = int(state["position"])
 
 

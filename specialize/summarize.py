@@ -29,6 +29,8 @@ from specialize.evaluation import (
 )
 from specialize.summary import (
     BeforeAfter,
+    BudgetReplay,
+    BudgetSection,
     ClassRow,
     CurvePoint,
     DriftSummary,
@@ -64,6 +66,7 @@ class Replay:
         alarms: Stream positions of the last ``drift.max_alarms`` drift alarms.
         updater: The updater's counters (specializing replay only).
         alarm_count: Drift alarms fired in all (more than ``alarms`` lists when truncated).
+        budget: The budget controller's and the audits' report (``None``: neither ran).
     """
 
     record: StreamRecord
@@ -73,13 +76,15 @@ class Replay:
     alarms: list[int]
     updater: UpdaterStats | None = None
     alarm_count: int = 0
+    budget: BudgetReplay | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain data (a run state holds it; :meth:`from_state_dict` reads it)."""
         return {"record": self.record.to_json_dict(), "tracker": self.tracker.state_dict(),
                 "heads": self.heads, "exit_flops": list(self.exit_flops),
                 "alarms": list(self.alarms), "alarm_count": self.alarm_count,
-                "updater": None if self.updater is None else self.updater.to_json_dict()}
+                "updater": None if self.updater is None else self.updater.to_json_dict(),
+                "budget": None if self.budget is None else self.budget.to_json_dict()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Replay:
@@ -89,7 +94,9 @@ class Replay:
                    tracker=ClassCostTracker.from_state_dict(state["tracker"]),
                    heads=state["heads"], exit_flops=list(state["exit_flops"]),
                    alarms=list(state["alarms"]), alarm_count=int(state["alarm_count"]),
-                   updater=None if updater is None else UpdaterStats.from_json_dict(updater))
+                   updater=None if updater is None else UpdaterStats.from_json_dict(updater),
+                   budget=BudgetReplay.from_json_dict(state["budget"])
+                   if state.get("budget") else None)
 
 
 class OnlineScore:
@@ -157,6 +164,7 @@ class RunRecords:
         frozen: The replay with the model frozen (``None`` if not run).
         timings: Seconds per step.
         trained_on: The ``dataset/split`` names that taught the model (``zoo.training_data``).
+        budget: The summary's ``budget`` section (``specialize.budget_run``), or ``None``.
     """
 
     checkpoint: str
@@ -168,6 +176,7 @@ class RunRecords:
     frozen: Replay | None
     timings: dict[str, float]
     trained_on: list[str] = field(default_factory=list)
+    budget: BudgetSection | None = None
 
 
 def build_summary(config: RunConfig, model, stream: Stream, records: RunRecords) -> RunSummary:
@@ -206,6 +215,7 @@ def build_summary(config: RunConfig, model, stream: Stream, records: RunRecords)
         timings=records.timings,
         versions=Versions(specialize=specialize.__version__, torch=torch.__version__,
                           timm=timm.__version__, python=platform.python_version()),
+        budget=records.budget,
     )
 
 

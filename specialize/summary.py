@@ -25,6 +25,8 @@ from backbones.cost import FLOPS_CONVENTION
 
 __all__ = [
     "BeforeAfter",
+    "BudgetReplay",
+    "BudgetSection",
     "ClassRow",
     "CurvePoint",
     "DriftSummary",
@@ -378,6 +380,48 @@ class UpdaterStats(JsonRecord):
 
 
 @dataclass
+class BudgetReplay(JsonRecord):
+    """One replay under the budget controller and audits (``specialize.controller``)."""
+
+    mean_flops: float | None = None  # per sample on the stream, audits included
+    thresholds: list[float | None] = _field(default_factory=list)  # at the end (None: off)
+    retunes: int | None = None  # threshold choices made
+    history: list[dict[str, Any]] = _field(default_factory=list)  # the last choices
+    estimated_drop: float | None = None  # the last choice's estimate (validation, points)
+    estimated_bound: float | None = None  # ... plus z standard errors
+    audits: int | None = None  # samples audited
+    audit_flops_share: float | None = None  # audit FLOPs / all FLOPs of the stream
+    disagreement: float | None = None  # audited answers != final exit's (%)
+    belief_drop: float | None = None  # mean q(final answer) - q(answer), points
+    belief_drop_se: float | None = None  # its standard error
+    exit_agreement: list[float] | None = None  # per exit: agrees with the final exit (%)
+    audit_rollbacks: int | None = None  # audits that rolled the heads back
+    # evaluation side, with labels: final exit's accuracy minus served accuracy (points)
+    true_drop_stream: float | None = None
+    true_drop_eval_in: float | None = None  # the same on eval_in at the final thresholds
+
+
+@dataclass
+class BudgetSection(JsonRecord):
+    """The label-free operating point: budget, audits, and the truth beside the estimates."""
+
+    budget: float | None = None  # allowed drop against the final exit (points); None: fixed
+    confidence: float | None = None  # one-sided confidence of the bound
+    z: float | None = None  # standard errors of the bound
+    retune_every: int | None = None
+    audit_rate: float | None = None
+    temperature: float | None = None  # final exit's, fitted on validation data (1: none)
+    validation_samples: int | None = None  # the controller's labelled validation set
+    final_exit_stream_accuracy: float | None = None  # evaluation side (%)
+    specializing: BudgetReplay | None = _field(read=_record(BudgetReplay))
+    frozen: BudgetReplay | None = _field(read=_record(BudgetReplay), omit_if_none=True)
+    flops_ratio: float | None = None  # specializing / frozen stream FLOPs
+    # labels, offline, frozen heads: the cheapest shared threshold whose true stream drop is
+    # within the budget (and within the frozen controller's true drop)
+    hindsight: dict[str, Any] | None = _field(omit_if_none=True)
+
+
+@dataclass
 class Versions(JsonRecord):
     """Library versions of the run."""
 
@@ -411,6 +455,7 @@ class RunSummary(JsonRecord):
         updater: The head updater's counters.
         timings: Seconds per step of the run.
         versions: Library versions.
+        budget: The budget controller and audits (``None``: neither was on).
     """
 
     scenario: ScenarioSummary | None = _field(read=_record(ScenarioSummary))
@@ -432,6 +477,8 @@ class RunSummary(JsonRecord):
     updater: UpdaterStats | None = _field(read=_record(UpdaterStats))
     timings: dict[str, float] = _field(default_factory=dict)
     versions: Versions | None = _field(read=_record(Versions))
+    # only with policy.budget or engine.audit_rate > 0
+    budget: BudgetSection | None = _field(read=_record(BudgetSection), omit_if_none=True)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``summary.json`` object (``iso_accuracy`` not computed is ``{}``)."""

@@ -24,8 +24,13 @@ RUN_OVERRIDES = ["policy.thresholds=0.4", "updater.update_every=8", "updater.bat
                  "drift.window=40", "drift.alarm_window=30", "progress=false"]
 
 
-def trained_tiny_checkpoint(path: Path, steps: int = 30) -> Path:
-    """Train a tiny 16x16 multi-exit model on synthetic data for ``steps`` steps; save it."""
+def trained_tiny_checkpoint(path: Path, steps: int = 30, val_size: int | None = None) -> Path:
+    """Train a tiny 16x16 multi-exit model on synthetic data for ``steps`` steps; save it.
+
+    With ``val_size`` the checkpoint's recipe says that the last ``val_size`` train images
+    were held out (its validation data, which a budget needs); training still sees them all,
+    which a test may accept.
+    """
     torch.manual_seed(0)
     model = create_backbone("tiny_resnet", num_classes=10, in_chans=1, input_size=(1, 16, 16))
     data = make_synthetic(split="train", **DATASET_OPTIONS)
@@ -40,7 +45,10 @@ def trained_tiny_checkpoint(path: Path, steps: int = 30) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return save_checkpoint(path, model.eval())
+    recipe = None if val_size is None else {
+        "arch": "tiny_resnet", "dataset": "synthetic", "dataset_args": DATASET_OPTIONS,
+        "val_size": val_size}
+    return save_checkpoint(path, model.eval(), train_config=recipe)
 
 
 def synthetic_scenario(path: Path, length: int = 150) -> Path:

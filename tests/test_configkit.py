@@ -132,7 +132,8 @@ def test_a_section_given_as_a_scalar_or_list_is_an_error(section, value):
 
 def test_unknown_keys_list_the_allowed_ones():
     with pytest.raises(ConfigError, match="^engine.threads: unknown key; allowed keys: "
-                                          "batch_size, executor, num_threads, on_bad_input$"):
+                                          "batch_size, executor, num_threads, on_bad_input, "
+                                          "audit_rate$"):
         run_config("engine.threads=2")
     with pytest.raises(ConfigError, match="^colour: unknown key; allowed keys: scenario, model, "
                                           "policy, updater"):
@@ -150,7 +151,9 @@ def test_values_are_normalised_and_round_trip():
     assert config.updater.lr == 1.0 and isinstance(config.updater.lr, float)
     assert isinstance(config.drift.alarm_threshold, float)
     assert from_dict(RunConfig, to_dict(config)) == config
-    assert to_dict(config)["policy"] == {"measure": "max_softmax", "thresholds": [0.9, 1.0]}
+    assert to_dict(config)["policy"] == {"measure": "max_softmax", "thresholds": [0.9, 1.0],
+                                         "budget": None, "budget_confidence": 0.95,
+                                         "retune_every": 500, "history_size": 200}
     train = from_dict(TrainConfig, {"step_milestones": [1, 2], "exit_weights": [0, 1]})
     assert train.step_milestones == (1.0, 2.0) and train.exit_weights == (0.0, 1.0)
 

@@ -36,6 +36,13 @@ stage and applies the exit rule, and :func:`reference_result`.
 """
 
 from backbones.executor.convs import fold_conv_bn
-from backbones.executor.runner import DynamicExecutor, ExecutorResult, reference_result
+from backbones.executor.runner import (
+    AuditRecorder,
+    AuditTrace,
+    DynamicExecutor,
+    ExecutorResult,
+    reference_result,
+)
 
-__all__ = ["DynamicExecutor", "ExecutorResult", "fold_conv_bn", "reference_result"]
+__all__ = ["AuditRecorder", "AuditTrace", "DynamicExecutor", "ExecutorResult", "fold_conv_bn",
+           "reference_result"]

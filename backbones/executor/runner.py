@@ -52,6 +52,73 @@ class ExecutorResult:
     logits: Tensor
     features: list[Tensor] = field(default_factory=list)
     evaluated: list[Tensor] = field(default_factory=list)
+    audit: AuditTrace | None = None
+
+
+@dataclass
+class AuditTrace:
+    """Every exit's answer for the audited samples of a batch (run on after they answered).
+
+    An audited sample is answered as usual at its first confident exit; then the network keeps
+    computing up to the final exit, so each of its exits' confidence and prediction is known.
+    The final exit's answer is the reference a label-free audit compares the answer with.
+
+    Attributes:
+        rows: int64 ``(n,)``: the batch rows audited.
+        confidence: ``(n, K)``: every exit's confidence.
+        pred: int64 ``(n, K)``: every exit's prediction.
+        final_logits: ``(n, num_classes)``: the final exit's logits.
+        extra_flops: int64 ``(n,)``: FLOPs spent after the answer, to reach the final exit (the
+            answer's own FLOPs stay in the result's ``flops``).
+    """
+
+    rows: Tensor
+    confidence: Tensor
+    pred: Tensor
+    final_logits: Tensor
+    extra_flops: Tensor
+
+
+class AuditRecorder:
+    """Collects an :class:`AuditTrace` exit by exit while a batch runs.
+
+    Args:
+        audit: bool ``(B,)``: which batch rows are audited (they must reach every exit).
+        num_exits: Exits of the model.
+    """
+
+    def __init__(self, audit: Tensor, num_exits: int) -> None:
+        self.mask = audit
+        self.rows = audit.nonzero().view(-1)
+        self.slot = torch.cumsum(audit.long(), 0) - 1  # batch row -> trace row
+        count = self.rows.numel()
+        self.num_exits = num_exits
+        self.confidence = torch.empty(count, num_exits)
+        self.pred = torch.empty(count, num_exits, dtype=torch.long)
+        self.final_logits: Tensor | None = None
+        self.final_flops = torch.zeros(count, dtype=torch.long)
+
+    def record(self, rows: Tensor, k: int, logits: Tensor, conf: Tensor,
+               flops: Tensor | int) -> None:
+        """Exit ``k`` ran on batch ``rows``: keep what the audited ones among them answered."""
+        here = self.mask.index_select(0, rows)
+        if rows.numel() != self.rows.numel() or not bool(here.all()):
+            index = here.nonzero().view(-1)
+            rows, logits, conf = rows[index], logits[index], conf[index]
+            flops = flops[index] if isinstance(flops, Tensor) else flops
+        slots = self.slot[rows]
+        self.confidence[slots, k] = conf.float()
+        self.pred[slots, k] = logits.argmax(dim=1)
+        if k == self.num_exits - 1:
+            self.final_logits = logits.new_empty(self.rows.numel(), logits.shape[1])
+            self.final_logits[slots] = logits
+            self.final_flops[slots] = torch.as_tensor(flops, dtype=torch.long)
+
+    def result(self, answer_flops: Tensor) -> AuditTrace:
+        """The trace, given every batch row's FLOPs up to its answer."""
+        assert self.final_logits is not None, "audited rows must reach the final exit"
+        return AuditTrace(self.rows, self.confidence, self.pred, self.final_logits,
+                          self.final_flops - answer_flops.index_select(0, self.rows))
 
 
 @dataclass
@@ -114,7 +181,7 @@ class DynamicExecutor:
 
     def run(
         self, x: Tensor, thresholds: Thresholds, measure: str = "max_softmax", *,
-        path: str = "auto", check_inputs: bool = True,
+        path: str = "auto", check_inputs: bool = True, audit: Tensor | None = None,
     ) -> ExecutorResult:
         """Classify a batch, each sample stopping at its first confident exit.
 
@@ -127,6 +194,8 @@ class DynamicExecutor:
                 ``single`` (requires ``B == 1``) or ``batched``.
             check_inputs: Check ``x`` with ``backbones.inputs`` (``False``: the caller did,
                 as the engine's ``InputChecker`` does; saves a pass over the input).
+            audit: bool ``(B,)``: rows that, once answered, keep running to the final exit
+                (``result.audit`` holds their every exit's answer; ``None``: no row).
 
         Returns:
             Per-sample predictions, exits, confidences, FLOPs, logits and head inputs (empty
@@ -146,10 +215,13 @@ class DynamicExecutor:
         if path == "single" and x.shape[0] != 1:
             raise ValueError(f"path='single' runs one sample, got a batch of {x.shape[0]}")
         per_exit = self._thresholds_for(thresholds)
+        recorder = None
+        if audit is not None and bool(audit.any()):
+            recorder = AuditRecorder(audit.to(torch.bool), self.num_exits)
         with torch.no_grad():
             if path == "single" or (path == "auto" and x.shape[0] == 1):
-                return self._run_single(x, per_exit, measure)
-            return self._run_batched(x, per_exit, measure)
+                return self._run_single(x, per_exit, measure, recorder)
+            return self._run_batched(x, per_exit, measure, recorder)
 
     def _thresholds_for(self, thresholds: Thresholds) -> list[Tensor]:
         """One ``(1,)`` threshold per exit as the rule compares it (cached: batch 1 is hot)."""
@@ -187,30 +259,46 @@ class DynamicExecutor:
                 walk.executed += head_flops[k]
                 yield k, logits
 
-    def _run_single(self, x: Tensor, thresholds: list[Tensor], measure: str) -> ExecutorResult:
-        """Batch 1: exits in order, stopping at the first confident one."""
+    def _run_single(self, x: Tensor, thresholds: list[Tensor], measure: str,
+                    recorder: AuditRecorder | None = None) -> ExecutorResult:
+        """Batch 1: exits in order, stopping at the first confident one (audited: at the last)."""
         walk = _Walk(run_steps(self.stem, x), self.stem_flops, self.stem_flops)
-        features = []
+        features, result = [], None
         for k, logits in self._walk(walk, batched=False):
             features.append(walk.x)
             conf = confidence(logits, measure)
-            if k == self.num_exits - 1 or accepts(conf, thresholds[k]).item():
-                device = x.device
-                return ExecutorResult(
-                    pred=logits.argmax(dim=1),
-                    exit_index=torch.full((1,), k, dtype=torch.long, device=device),
-                    confidence=conf,
-                    flops=torch.full((1,), walk.flops, dtype=torch.long, device=device),
-                    flops_executed=torch.full((1,), walk.executed, dtype=torch.long,
-                                              device=device),
-                    logits=logits,
-                    features=features,
-                    evaluated=[torch.zeros(1, dtype=torch.long, device=device)] * len(features),
-                )
-        raise AssertionError("unreachable: the last exit always answers")
+            if recorder is not None:
+                recorder.record(recorder.rows, k, logits, conf, walk.flops)
+            if result is None and (k == self.num_exits - 1
+                                   or accepts(conf, thresholds[k]).item()):
+                result = self._single_result(k, logits, conf, walk)
+                if recorder is None:
+                    break
+        result.features = features
+        result.evaluated = [torch.zeros(1, dtype=torch.long, device=x.device)] * len(features)
+        if recorder is not None:
+            result.audit = recorder.result(result.flops)
+        return result
 
-    def _run_batched(self, x: Tensor, thresholds: list[Tensor], measure: str) -> ExecutorResult:
-        """A batch, stage by stage; rows that answered are dropped before the next stage."""
+    @staticmethod
+    def _single_result(k: int, logits: Tensor, conf: Tensor, walk: _Walk) -> ExecutorResult:
+        device = logits.device
+        return ExecutorResult(
+            pred=logits.argmax(dim=1),
+            exit_index=torch.full((1,), k, dtype=torch.long, device=device),
+            confidence=conf,
+            flops=torch.full((1,), walk.flops, dtype=torch.long, device=device),
+            flops_executed=torch.full((1,), walk.executed, dtype=torch.long, device=device),
+            logits=logits,
+        )
+
+    def _run_batched(self, x: Tensor, thresholds: list[Tensor], measure: str,
+                     recorder: AuditRecorder | None = None) -> ExecutorResult:
+        """A batch, stage by stage; rows that answered are dropped before the next stage.
+
+        Audited rows stay until the final exit; ``open_rows`` then marks the rows still
+        unanswered (``None`` without audits: every row left is unanswered).
+        """
         batch, device = x.shape[0], x.device
         out = _BatchOutputs(batch, self.model.num_classes, device)
         rows = torch.arange(batch, device=device)
@@ -219,25 +307,41 @@ class DynamicExecutor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         walk = _Walk(x, flops, flops.clone())
+        open_rows = None if recorder is None else torch.ones(batch, dtype=torch.bool)
         for k, logits in self._walk(walk, batched=True):
             out.features.append(walk.x)
             out.evaluated.append(rows)
             conf = confidence(logits, measure)
+            if recorder is not None:
+                recorder.record(rows, k, logits, conf, walk.flops)
             if k == self.num_exits - 1:
-                out.store(rows, k, logits, conf, walk.flops, walk.executed)
-                return out.result()
+                last = None if open_rows is None else open_rows.nonzero().view(-1)
+                if last is None or last.numel():
+                    out.store(rows, k, logits, conf, walk.flops, walk.executed, last)
+                return out.result(recorder)
             done = accepts(conf, thresholds[k])
+            if open_rows is not None:
+                done &= open_rows
             answered = done.nonzero().view(-1)
             if answered.numel() == 0:
                 continue
-            if answered.numel() == rows.numel():
+            if recorder is None and answered.numel() == rows.numel():
                 out.store(rows, k, logits, conf, walk.flops, walk.executed)
                 return out.result()
             out.store(rows, k, logits, conf, walk.flops, walk.executed, answered)
-            stay = (~done).nonzero().view(-1)
+            keep = ~done
+            if open_rows is not None:
+                open_rows = open_rows & keep
+                keep = open_rows | recorder.mask.index_select(0, rows)
+            stay = keep.nonzero().view(-1)
+            if stay.numel() == 0:  # audited rows keep running, so none was audited
+                return out.result()
+            if stay.numel() == rows.numel():
+                continue
             walk.x, rows = walk.x[stay], rows.index_select(0, stay)  # x[stay] keeps channels_last
             walk.flops = walk.flops.index_select(0, stay)
             walk.executed = walk.executed.index_select(0, stay)
+            open_rows = None if open_rows is None else open_rows.index_select(0, stay)
         raise AssertionError("unreachable: the last exit always answers")
 
 
@@ -273,12 +377,13 @@ class _BatchOutputs:
         self.logits.index_copy_(0, rows, logits)
         self.confidence.index_copy_(0, rows, conf)
 
-    def result(self) -> ExecutorResult:
+    def result(self, recorder: AuditRecorder | None = None) -> ExecutorResult:
         assert self.logits is not None and self.confidence is not None
         return ExecutorResult(
             pred=self.pred, exit_index=self.exit_index, confidence=self.confidence,
             flops=self.flops, flops_executed=self.flops_executed, logits=self.logits,
             features=self.features, evaluated=self.evaluated,
+            audit=None if recorder is None else recorder.result(self.flops),
         )
 
 

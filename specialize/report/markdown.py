@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from backbones.cost import FlopsUnit
+from specialize.report.budget import budget_headline, md_budget
 from specialize.report.common import (
     FLOPS_NOTE,
     NO_EVAL_OUT,
@@ -67,6 +68,9 @@ def format_headline(summary: RunSummary | Mapping[str, Any],
     else:
         lines.append("iso-accuracy: not computed")
     lines.append(_eval_out_sentence(summary))
+    budget = budget_headline(summary)
+    if budget:
+        lines.append(budget)
     return "\n".join(lines)
 
 
@@ -107,6 +111,7 @@ def render_markdown(summary: RunSummary | Mapping[str, Any]) -> str:
         _md_headline,
         _md_operating_points,
         _md_stream,
+        *([md_budget] if summary.budget is not None else []),
         _md_per_class,
         _md_plots,
         _md_timings,

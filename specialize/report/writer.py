@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from backbones.checkpoint import atomic_write_bytes
+from specialize.report.budget import THRESHOLDS_FILE, plot_thresholds
 from specialize.report.markdown import render_markdown
 from specialize.report.plots import PLOT_FILES, PLOTTERS, render_png
 from specialize.summary import RunSummary, to_jsonable
@@ -28,7 +29,8 @@ def write_report(summary: RunSummary | Mapping[str, Any], out_dir: str | Path) -
         out_dir: Folder to write into; created if missing, existing files are replaced.
 
     Returns:
-        Paths by name: ``summary``, ``report`` and the keys of :data:`PLOT_FILES`.
+        Paths by name: ``summary``, ``report``, the keys of :data:`PLOT_FILES` and, for a run
+        with a budget, ``thresholds``.
 
     Raises:
         TypeError: ``summary`` is neither a RunSummary nor a mapping, or holds a value JSON
@@ -47,5 +49,8 @@ def write_report(summary: RunSummary | Mapping[str, Any], out_dir: str | Path) -
     for name, plot in PLOTTERS.items():
         paths[name] = out_dir / PLOT_FILES[name]
         atomic_write_bytes(paths[name], render_png(plot(typed)))
+    if typed.budget is not None and typed.budget.budget is not None:
+        paths["thresholds"] = out_dir / THRESHOLDS_FILE
+        atomic_write_bytes(paths["thresholds"], render_png(plot_thresholds(typed)))
     atomic_write_bytes(paths["report"], render_markdown(typed).encode())
     return paths

@@ -86,6 +86,7 @@ class HeadUpdater:
         self._lock = threading.RLock()  # serving() vs publishing and restores
         self._train_lock = threading.Lock()  # held by whoever touches the trainer
         self._epoch = 0  # bumped by every restore; stale shadow weights are never published
+        self._version = 0  # bumped whenever the served heads change (heads_version)
         self._trainer_epoch = 0
         self._pending: HeadsState | None = None
         self._counters = {"observed": 0, "accepted": 0, "low_confidence": 0,
@@ -99,6 +100,20 @@ class HeadUpdater:
         self._worker: TrainingWorker | None = None
         if self.config.mode == "async" and self.config.enabled:
             self._worker = TrainingWorker(self._train, self.config.queue_size)
+
+    @property
+    def heads_version(self) -> int:
+        """Bumped whenever the served heads change.
+
+        A sync update round, an async publication, a rollback or a reset bump it (the budget
+        controller reruns the heads then).
+        """
+        return self._version
+
+    @property
+    def rollback_count(self) -> int:
+        """Rollbacks the health check made so far."""
+        return self._counters["rollbacks"]
 
     @property
     def error(self) -> BaseException | None:
@@ -187,6 +202,8 @@ class HeadUpdater:
                 check_model(self.model)  # raises, saying what changed since construction
             with self._lock if sync else nullcontext():  # sync trains the serving heads
                 rounds, finite = self._trainer.add(observation)
+                if sync and rounds:
+                    self._version += 1
                 if not finite:  # a step overflowed: back to the last good heads
                     self._trainer.counters["nonfinite_params"] += 1
                     self._trainer.restore(self._last_good)
@@ -211,6 +228,7 @@ class HeadUpdater:
             for serving, trained in zip(self._serving_tensors, self._train_tensors):
                 serving.copy_(trained)
             self._counters["published"] += 1
+            self._version += 1
             return True
 
     # ---- control
@@ -255,6 +273,7 @@ class HeadUpdater:
         with self._lock:
             load_heads(self._serving_heads, heads_state)
             self._epoch += 1
+            self._version += 1
             self._pending = heads_state
 
     # ---- health

@@ -1,0 +1,216 @@
+"""A run's budget controller and audits: their inputs, and the summary's ``budget`` section.
+
+:func:`specialize.run.run_experiment` calls in here when ``policy.budget`` is set or
+``engine.audit_rate`` is above 0 (:func:`budget_enabled`). The controller's evidence is one
+pass of every exit over the checkpoint's validation images (:class:`BudgetInputs`, made once
+per run and shared by both replays); the same pass fits the temperature of the audits' belief
+estimate. The section's true drops are measured on the evaluation side, with labels: the
+final exit's accuracy on the stream's samples (:func:`stream_pass`) minus the served
+accuracy, and the same on eval_in at the replay's final thresholds. The engine never sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from backbones.checkpoint import read_checkpoint
+from backbones.heads import split_head
+from specialize.calibration import fit_temperature
+from specialize.controller import BudgetController
+from specialize.curves import sweep
+from specialize.evaluation import ExitPass, exit_pass, operating_point
+from specialize.operating_point import normal_quantile
+from specialize.policy import calibrate_thresholds
+from specialize.summary import BudgetReplay, BudgetSection
+from specialize.zoo import validation_data
+
+if TYPE_CHECKING:
+    from specialize.run import RunConfig
+    from specialize.specializer import Specializer
+
+DEFAULT_AUDIT_RATE = 0.03  # with a budget and no engine.audit_rate: about 90 of 3,000 samples
+
+__all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_phase", "budget_replay",
+           "budget_section", "stream_pass"]
+
+
+def audit_rate(config: RunConfig) -> float:
+    """``engine.audit_rate``, or its default: 0.03 with a budget, else 0."""
+    if config.engine.audit_rate is not None:
+        return config.engine.audit_rate
+    return DEFAULT_AUDIT_RATE if config.policy.budget is not None else 0.0
+
+
+def budget_enabled(config: RunConfig) -> bool:
+    """Whether the run has a budget or audits (then the summary has a ``budget`` section)."""
+    return config.policy.budget is not None or audit_rate(config) > 0
+
+
+class BudgetInputs:
+    """The validation pass and temperature, made on first use (a resumed run may not need them).
+
+    Args:
+        model: The run's model (base heads while the pass runs).
+        checkpoint: Its checkpoint file (the header names the validation data).
+        transform: The stream's input transform, fitted to the model.
+        config: The run config (measure, evaluation batch size, progress).
+    """
+
+    def __init__(self, model, checkpoint: str, transform, config: RunConfig) -> None:
+        self.model, self.checkpoint, self.transform, self.config = (model, checkpoint,
+                                                                    transform, config)
+        self._evidence: ExitPass | None = None
+        self._temperature: float | None = None
+
+    def _load(self) -> None:
+        meta = read_checkpoint(self.checkpoint)
+        try:
+            data = validation_data(meta.get("train_config") or {})
+        except (ValueError, TypeError):
+            if self.config.policy.budget is not None:
+                raise
+            self._temperature = 1.0  # audits without a budget: the raw softmax
+            return
+        config = self.config
+        self._evidence = exit_pass(
+            self.model, data.images, data.labels, self.transform, measure=config.policy.measure,
+            batch_size=config.evaluation.batch_size, progress=config.progress,
+            desc="validation (budget)", keep_head_inputs=True)
+        cached = self._evidence.head_inputs
+        with torch.no_grad():
+            final_logits = split_head(self.model.heads[-1])[1](cached.inputs[-1])
+        self._temperature = fit_temperature(final_logits, self._evidence.labels)
+
+    @property
+    def evidence(self) -> ExitPass | None:
+        """Every exit's answers on the validation set (``None``: the checkpoint has none)."""
+        if self._temperature is None:
+            self._load()
+        return self._evidence
+
+    @property
+    def temperature(self) -> float:
+        """The final exit's temperature on validation data (1.0 without validation data)."""
+        if self._temperature is None:
+            self._load()
+        return self._temperature
+
+    def controller(self) -> BudgetController | None:
+        """A fresh controller for one replay (``None`` without a budget)."""
+        policy = self.config.policy
+        if policy.budget is None:
+            return None
+        return BudgetController(self.evidence, policy.budget,
+                                confidence=policy.budget_confidence,
+                                retune_every=policy.retune_every,
+                                history_size=policy.history_size, measure=policy.measure)
+
+
+def budget_replay(specializer: Specializer, result) -> BudgetReplay | None:
+    """What a replay's controller and audits report (``None`` when neither ran)."""
+    controller, log = specializer.controller, specializer.audit_log
+    if controller is None and log is None:
+        return None
+    replay = BudgetReplay(mean_flops=result.mean_flops)
+    engine = specializer.engine
+    thresholds = engine.policy.thresholds_tensor(engine.model.num_exits)[:-1].tolist()
+    replay.thresholds = [t if math.isfinite(t) else None for t in thresholds]
+    if controller is not None:
+        last = controller.history[-1]
+        replay.retunes, replay.history = controller.retunes, list(controller.history)
+        replay.estimated_drop, replay.estimated_bound = last["drop"], last["bound"]
+    if log is not None:
+        belief, error = log.belief_drop
+        replay.audits, replay.disagreement = log.count, log.disagreement
+        replay.audit_flops_share = (result.audit_flops_sum / result.flops_sum
+                                    if result.flops_sum else None)
+        replay.belief_drop, replay.belief_drop_se = belief, error
+        replay.exit_agreement, replay.audit_rollbacks = log.exit_agreement, log.rollbacks
+    return replay
+
+
+def stream_pass(model, stream, config: RunConfig) -> ExitPass:
+    """Every exit over the stream's samples, with their labels (evaluation side only)."""
+    return exit_pass(model, stream.raw_images(), stream.evaluator().labels, stream.transform,
+                     measure=config.policy.measure, batch_size=config.evaluation.batch_size,
+                     progress=config.progress, desc="stream (final exit)")
+
+
+def budget_phase(config: RunConfig, session, model, checkpoint: str,
+                 stream) -> tuple[BudgetInputs | None, ExitPass | None]:
+    """The run's budget inputs and its ``stream_pass`` phase (``None, None``: both off).
+
+    The stream pass runs with the base heads, right after the curves before, and is saved
+    with the run's state; the validation pass runs when a replay first needs it.
+    """
+    if not budget_enabled(config):
+        return None, None
+    fields = ("confidence", "pred", "flops", "labels")
+    streamed = session.phase("stream_pass", lambda: stream_pass(model, stream, config),
+                             lambda p: {name: getattr(p, name) for name in fields},
+                             lambda state: ExitPass(**state))
+    return BudgetInputs(model, checkpoint, stream.transform, config), streamed
+
+
+def _drop_at(passed: ExitPass | None, thresholds: list[float | None]) -> float | None:
+    """True accuracy drop (points) against the final exit at ``thresholds`` on a labelled set."""
+    if passed is None or not thresholds:
+        return None
+    values = torch.tensor([math.inf if t is None else t for t in thresholds] + [-math.inf],
+                          dtype=torch.float64)
+    final = 100.0 * float(passed.correct[:, -1].double().mean())
+    return final - operating_point(passed, values)["accuracy"]
+
+
+def _hindsight(passed: ExitPass, max_drop: float) -> dict[str, float | None]:
+    """The cheapest shared threshold whose true drop on ``passed`` is within ``max_drop``."""
+    arrays = (passed.confidence.numpy(), passed.correct.numpy(), passed.flops.numpy())
+    chosen = calibrate_thresholds(*arrays, max_drop=max(max_drop, 0.0))
+    threshold = chosen.thresholds[0] if chosen.thresholds else math.inf
+    point = sweep(*arrays, np.array(chosen.thresholds)[None])
+    final = 100.0 * float(np.mean(arrays[1][:, -1]))
+    return {"threshold": threshold if math.isfinite(threshold) else None,
+            "mean_flops": float(point.flops[0]), "drop": final - float(point.accuracy[0]),
+            "max_drop": max_drop}
+
+
+def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
+                   streamed: ExitPass) -> BudgetSection:
+    """The summary's ``budget`` section, true drops beside the label-free estimates.
+
+    Args:
+        config: The run config.
+        inputs: The validation pass (``None`` when the run resumed past both replays).
+        records: The run's :class:`~specialize.summarize.RunRecords`.
+        streamed: Every exit over the stream's samples with the base heads (labels inside).
+    """
+    policy = config.policy
+    final = 100.0 * float(streamed.correct[:, -1].double().mean())
+    section = BudgetSection(
+        budget=policy.budget, confidence=policy.budget_confidence if policy.budget else None,
+        z=normal_quantile(policy.budget_confidence) if policy.budget is not None else None,
+        retune_every=policy.retune_every if policy.budget is not None else None,
+        audit_rate=audit_rate(config), final_exit_stream_accuracy=final)
+    if inputs is not None:
+        section.temperature = inputs.temperature
+        section.validation_samples = None if inputs.evidence is None else len(inputs.evidence)
+    for name, replay, passes in (("specializing", records.specializing, records.after),
+                                 ("frozen", records.frozen, records.before)):
+        if replay is None or replay.budget is None:
+            continue
+        entry = BudgetReplay.from_json_dict(replay.budget.to_json_dict())
+        entry.true_drop_stream = final - replay.record.accuracy
+        entry.true_drop_eval_in = _drop_at(passes.eval_in, entry.thresholds)
+        setattr(section, name, entry)
+    if section.frozen is not None and section.specializing is not None:
+        section.flops_ratio = section.specializing.mean_flops / section.frozen.mean_flops
+    if policy.budget is not None:
+        section.hindsight = {"budget": _hindsight(streamed, policy.budget)}
+        if section.frozen is not None:
+            section.hindsight["same_drop"] = _hindsight(streamed,
+                                                        section.frozen.true_drop_stream)
+    return section

@@ -1,0 +1,69 @@
+"""benchmarks/operating_point.py: side-by-side figures and goal marks from summaries.
+
+Only the pure parts; no experiment runs here.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "operating_point.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_operating_point", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def entry(mflops: float, drop: float, share: float = 0.03) -> dict:
+    return {"mean_flops": mflops * 1e6, "audit_flops_share": share, "true_drop_stream": drop,
+            "true_drop_eval_in": drop, "estimated_drop": 0.2, "estimated_bound": 0.5,
+            "disagreement": 3.0, "belief_drop": 1.0, "belief_drop_se": 0.5}
+
+
+def results(frozen: float, special: float, drop: float) -> list[dict]:
+    budget = {"frozen": entry(frozen, drop), "specializing": entry(special, drop),
+              "hindsight": {"budget": {"mean_flops": 19e6},
+                            "same_drop": {"mean_flops": 20e6}}}
+    return [
+        {"scenario": "tops", "seed": 0, "variant": "fixed", "budget": None,
+         "stream": {"specializing": {"mean_flops": 30e6}}},
+        {"scenario": "tops", "seed": 0, "variant": "budget0.5", "budget": budget,
+         "stream": {}},
+        {"scenario": "tops", "seed": 0, "variant": "budget1.0", "stream": {},
+         "budget": {"specializing": entry(special - 1, 0.8)}},
+    ]
+
+
+def test_figures_give_the_ratios_of_the_goals(bench):
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.4)).items()}
+    row = per_seed[("tops", 0)]
+    assert row["fixed_mflops"] == 30.0
+    assert row["frozen_vs_fixed"] == pytest.approx(22 / 30)
+    assert row["special_vs_frozen"] == pytest.approx(0.9)
+    assert row["controller_vs_hindsight"] == pytest.approx(22 / 20)
+    assert row["specializing_1.0"]["true_drop_stream"] == 0.8
+    marks = dict(bench.goals(per_seed))
+    assert all(marks.values())
+
+
+def test_the_table_prints_every_run(bench, capsys):
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.4)).items()}
+    bench.print_table(per_seed)
+    text = capsys.readouterr().out
+    for label in ("fixed 0.9 frozen", "frozen @0.5", "specializing @0.5", "specializing @1.0",
+                  "hindsight @0.5"):
+        assert label in text
+
+
+def test_a_drop_beyond_budget_plus_slack_fails(bench):
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.76)).items()}
+    marks = bench.goals(per_seed)
+    assert [passed for text, passed in marks if text.startswith("true drop")] == [False]
