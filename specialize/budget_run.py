@@ -32,14 +32,14 @@ if TYPE_CHECKING:
     from specialize.run import RunConfig
     from specialize.specializer import Specializer
 
-DEFAULT_AUDIT_RATE = 0.03  # with a budget and no engine.audit_rate: about 90 of 3,000 samples
+DEFAULT_AUDIT_RATE = 0.02  # with a budget and no engine.audit_rate: about 60 of 3,000 samples
 
 __all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_phase", "budget_replay",
            "budget_section", "stream_pass"]
 
 
 def audit_rate(config: RunConfig) -> float:
-    """``engine.audit_rate``, or its default: 0.03 with a budget, else 0."""
+    """``engine.audit_rate``, or its default: 0.02 with a budget, else 0."""
     if config.engine.audit_rate is not None:
         return config.engine.audit_rate
     return DEFAULT_AUDIT_RATE if config.policy.budget is not None else 0.0

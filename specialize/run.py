@@ -100,7 +100,7 @@ class EngineConfig:
     # malformed or non-finite inputs: error | skip (skipped samples are counted)
     on_bad_input: str = "error"
     # share of samples audited: run on to the final exit after answering (label-free
-    # checks: the updater's health, the summary's estimates); None: 0.03 with policy.budget,
+    # checks: the updater's health, the summary's estimates); None: 0.02 with policy.budget,
     # else 0 (no audit)
     audit_rate: float | None = None
 
