@@ -169,7 +169,9 @@ def assert_valid_run_config(config: RunConfig) -> None:
     thresholds = config.policy.thresholds
     values_ = thresholds if isinstance(thresholds, tuple) else (thresholds,)
     assert values_ and all(isinstance(t, float) and not math.isnan(t) for t in values_)
-    assert ExitPolicy(config.policy.measure, thresholds) == config.policy
+    policy_fields = {f.name: getattr(config.policy, f.name)
+                     for f in dataclasses.fields(ExitPolicy)}
+    assert ExitPolicy(**policy_fields) == config.policy  # re-validates
 
 
 def assert_valid_scenario(scenario: ScenarioConfig) -> None:
