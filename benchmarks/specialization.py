@@ -686,9 +686,20 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     lines = [[row["strategy"], row["scenario"],
               *(format_cell(row["metrics"][key], fmt, row["metrics"][key]["meets_goal"])
                 for key, _, fmt in columns)] for row in rows]
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in [header, *lines])
+    return "\n".join(aligned([header, *lines]))
+
+
+def aligned(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as text lines with left-aligned columns."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+            for line in lines]
+
+
+def error_lines(errors: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per failed run of a report."""
+    return [f"error: {e['strategy']} {e['scenario']} seed {e['seed']}: {e['error']}"
+            for e in errors]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -709,8 +720,7 @@ def format_report(report: dict[str, Any]) -> str:
                   "is the ratio of the two mean savings",
               "* meets the goal (mean): gap_closed >= 0.8, in-peak change >= 0 pt, out change "
               ">= -0.5 pt, switch/fresh >= 0.8, old change >= -1 pt"]
-    lines += [f"error: {e['strategy']} {e['scenario']} seed {e['seed']}: {e['error']}"
-              for e in report["errors"]]
+    lines += error_lines(report["errors"])
     return "\n".join(lines)
 
 

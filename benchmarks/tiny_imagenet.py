@@ -184,13 +184,10 @@ def format_report(report: dict[str, Any]) -> str:
                      " / ".join(f"{a:.1f}" for a in row["eval_in_exit_accuracy"]), *cells,
                      spec.format_cell(row["ceiling"], ".3f", None),
                      share + ("*" if row["goals"]["of_ceiling"] else "")])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines += [""] + ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in [header, *body]]
+    lines += ["", *spec.aligned([header, *body])]
     lines += ["", "mean ± std over seeds (n seeds); * meets the goal: of ceiling >= 0.7, peak "
                   "change >= 0, out >= -0.5 pt; FLOPs: a multiply-add counts 2"]
-    lines += [f"error: {e['strategy']} {e['scenario']} seed {e['seed']}: {e['error']}"
-              for e in report["errors"]]
+    lines += spec.error_lines(report["errors"])
     return "\n".join(lines)
 
 
