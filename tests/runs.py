@@ -29,8 +29,19 @@ def trained_tiny_checkpoint(path: Path, steps: int = 30, val_size: int | None = 
 
     With ``val_size`` the checkpoint's recipe says that the last ``val_size`` train images
     were held out (its validation data, which a budget needs); training still sees them all,
-    which a test may accept.
+    which a test may accept. It trains on one thread: float sums split across threads differ
+    in their last bits, so the same seed gave a different model at another thread count (the
+    count an earlier test or the host left set).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_tiny(path, steps, val_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny(path: Path, steps: int, val_size: int | None) -> Path:
     torch.manual_seed(0)
     model = create_backbone("tiny_resnet", num_classes=10, in_chans=1, input_size=(1, 16, 16))
     data = make_synthetic(split="train", **DATASET_OPTIONS)
