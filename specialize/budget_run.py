@@ -11,22 +11,32 @@ accuracy, and the same on eval_in at the replay's final thresholds. The engine n
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from backbones.checkpoint import read_checkpoint
+from backbones.checkpoint import atomic_torch_save, read_checkpoint
+from backbones.gates import GateDecision
 from backbones.heads import split_head
 from specialize.calibration import fit_temperature
 from specialize.controller import BudgetController
 from specialize.curves import sweep
-from specialize.evaluation import ExitPass, exit_pass, operating_point
+from specialize.evaluation import (
+    ExitPass,
+    HeadInputs,
+    exit_pass,
+    operating_point,
+    rerun_heads,
+)
 from specialize.operating_point import normal_quantile
 from specialize.policy import calibrate_thresholds
+from specialize.run_state import weights_hash
 from specialize.summary import BudgetReplay, BudgetSection
-from specialize.zoo import validation_data
+from specialize.zoo import cache_dir, validation_data
 
 if TYPE_CHECKING:
     from specialize.run import RunConfig
@@ -35,7 +45,8 @@ if TYPE_CHECKING:
 DEFAULT_AUDIT_RATE = 0.02  # with a budget and no engine.audit_rate: about 60 of 3,000 samples
 
 __all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_phase", "budget_replay",
-           "budget_section", "stream_pass"]
+           "budget_section", "cached_validation_pass", "specialized_stream_pass",
+           "stream_pass"]
 
 
 def audit_rate(config: RunConfig) -> float:
@@ -75,11 +86,7 @@ class BudgetInputs:
                 raise
             self._temperature = 1.0  # audits without a budget: the raw softmax
             return
-        config = self.config
-        self._evidence = exit_pass(
-            self.model, data.images, data.labels, self.transform, measure=config.policy.measure,
-            batch_size=config.evaluation.batch_size, progress=config.progress,
-            desc="validation (budget)", keep_head_inputs=True)
+        self._evidence = cached_validation_pass(self.model, data, self.transform, self.config)
         cached = self._evidence.head_inputs
         with torch.no_grad():
             final_logits = split_head(self.model.heads[-1])[1](cached.inputs[-1])
@@ -107,7 +114,54 @@ class BudgetInputs:
         return BudgetController(self.evidence, policy.budget,
                                 confidence=policy.budget_confidence,
                                 retune_every=policy.retune_every,
-                                history_size=policy.history_size, measure=policy.measure)
+                                history_size=policy.history_size, measure=policy.measure,
+                                shared=policy.budget_thresholds == "shared")
+
+
+def cached_validation_pass(model, data, transform, config: RunConfig) -> ExitPass:
+    """The controller's validation pass, read from the cache when this model made it before.
+
+    The backbone is frozen and the pass runs with the checkpoint's base heads, so it is a
+    function of the weights, the data, the input transform, the measure and the batches: the
+    cache key hashes all of them. A Tiny-ImageNet run saves about 20,000 backbone passes this
+    way. Files live under ``cache_dir()/passes`` (written atomically, read with
+    ``weights_only=True``); delete them freely.
+    """
+    policy, evaluation = config.policy, config.evaluation
+    digest = hashlib.sha256()
+    for part in (weights_hash(model), repr(transform), policy.measure, evaluation.batch_size,
+                 data.name, len(data.labels)):
+        digest.update(f"{part}\0".encode())
+    digest.update(data.labels.numpy().tobytes())
+    digest.update(hashlib.sha256(data.images.numpy().tobytes()).digest())
+    path = cache_dir() / "passes" / f"validation-{digest.hexdigest()[:24]}.pt"
+    if path.exists():
+        try:
+            return _pass_from_file(path)
+        except Exception:  # noqa: BLE001 - any unreadable cache file: recompute, rewrite it
+            path.unlink(missing_ok=True)
+    evidence = exit_pass(model, data.images, data.labels, transform, measure=policy.measure,
+                         batch_size=evaluation.batch_size, progress=config.progress,
+                         desc="validation (budget)", keep_head_inputs=True)
+    _pass_to_file(evidence, path)
+    return evidence
+
+
+def _pass_to_file(passed: ExitPass, path: Path) -> None:
+    kept = passed.head_inputs
+    atomic_torch_save({
+        "confidence": passed.confidence, "pred": passed.pred, "flops": passed.flops,
+        "labels": passed.labels, "prefixes": list(kept.prefixes), "inputs": list(kept.inputs),
+        "gates": [(g.block_salience, g.channel_salience) for g in kept.gates],
+        "batch_size": kept.batch_size}, path)
+
+
+def _pass_from_file(path: Path) -> ExitPass:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    kept = HeadInputs(state["prefixes"], state["inputs"],
+                      [GateDecision(*g) for g in state["gates"]], int(state["batch_size"]))
+    return ExitPass(state["confidence"], state["pred"], state["flops"], state["labels"],
+                    head_inputs=kept)
 
 
 def budget_replay(specializer: Specializer, result) -> BudgetReplay | None:
@@ -134,10 +188,25 @@ def budget_replay(specializer: Specializer, result) -> BudgetReplay | None:
 
 
 def stream_pass(model, stream, config: RunConfig) -> ExitPass:
-    """Every exit over the stream's samples, with their labels (evaluation side only)."""
+    """Every exit over the stream's samples, with their labels (evaluation side only).
+
+    Head inputs are kept (in memory, not in the run state), so that
+    :func:`specialized_stream_pass` reruns only the heads.
+    """
     return exit_pass(model, stream.raw_images(), stream.evaluator().labels, stream.transform,
                      measure=config.policy.measure, batch_size=config.evaluation.batch_size,
-                     progress=config.progress, desc="stream (final exit)")
+                     progress=config.progress, desc="stream (final exit)",
+                     keep_head_inputs=True)
+
+
+def specialized_stream_pass(model, streamed: ExitPass, stream, config: RunConfig) -> ExitPass:
+    """Every exit over the stream's samples with the heads served now (the specialized ones).
+
+    Reruns only the heads on the base pass's cached inputs; a run resumed past that pass has
+    none, and runs the whole pass again. Evaluation side: the specialized hindsight.
+    """
+    rerun = rerun_heads(model, streamed, config.policy.measure)
+    return rerun if rerun is not None else stream_pass(model, stream, config)
 
 
 def budget_phase(config: RunConfig, session, model, checkpoint: str,
@@ -166,20 +235,27 @@ def _drop_at(passed: ExitPass | None, thresholds: list[float | None]) -> float |
     return final - operating_point(passed, values)["accuracy"]
 
 
-def _hindsight(passed: ExitPass, max_drop: float) -> dict[str, float | None]:
-    """The cheapest shared threshold whose true drop on ``passed`` is within ``max_drop``."""
+def _hindsight(passed: ExitPass, max_drop: float, shared: bool = True,
+               ) -> dict[str, Any]:
+    """The cheapest thresholds whose true drop on ``passed`` is within ``max_drop``.
+
+    ``shared``: one threshold for every early exit (exact), else one per exit (the greedy
+    refinement of ``calibrate_thresholds``, never worse than the shared optimum).
+    """
     arrays = (passed.confidence.numpy(), passed.correct.numpy(), passed.flops.numpy())
-    chosen = calibrate_thresholds(*arrays, max_drop=max(max_drop, 0.0))
-    threshold = chosen.thresholds[0] if chosen.thresholds else math.inf
+    chosen = calibrate_thresholds(*arrays, max_drop=max(max_drop, 0.0), shared=shared)
     point = sweep(*arrays, np.array(chosen.thresholds)[None])
     final = 100.0 * float(np.mean(arrays[1][:, -1]))
-    return {"threshold": threshold if math.isfinite(threshold) else None,
+    values = [t if math.isfinite(t) else None for t in chosen.thresholds]
+    threshold = values[0] if values else None
+    return {"threshold": threshold if shared else values,
             "mean_flops": float(point.flops[0]), "drop": final - float(point.accuracy[0]),
             "max_drop": max_drop}
 
 
 def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
-                   streamed: ExitPass) -> BudgetSection:
+                   streamed: ExitPass, streamed_after: ExitPass | None = None,
+                   ) -> BudgetSection:
     """The summary's ``budget`` section, true drops beside the label-free estimates.
 
     Args:
@@ -187,6 +263,8 @@ def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
         inputs: The validation pass (``None`` when the run resumed past both replays).
         records: The run's :class:`~specialize.summarize.RunRecords`.
         streamed: Every exit over the stream's samples with the base heads (labels inside).
+        streamed_after: The same with the specialized heads (``None``: no specializing
+            replay), for the specialized hindsight.
     """
     policy = config.policy
     final = 100.0 * float(streamed.correct[:, -1].double().mean())
@@ -209,8 +287,24 @@ def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
     if section.frozen is not None and section.specializing is not None:
         section.flops_ratio = section.specializing.mean_flops / section.frozen.mean_flops
     if policy.budget is not None:
-        section.hindsight = {"budget": _hindsight(streamed, policy.budget)}
-        if section.frozen is not None:
-            section.hindsight["same_drop"] = _hindsight(streamed,
-                                                        section.frozen.true_drop_stream)
+        section.hindsight = _hindsights(policy.budget, streamed, streamed_after, section)
     return section
+
+
+def _hindsights(budget: float, streamed: ExitPass, streamed_after: ExitPass | None,
+                section: BudgetSection) -> dict[str, Any]:
+    """The labelled limits a replay's cost is compared with (stream samples, offline).
+
+    ``budget``/``budget_per_exit``: frozen heads, true drop within the budget (one shared
+    threshold / one per exit); ``same_drop``: frozen heads at the frozen controller's own true
+    drop; ``specialized``/``specialized_per_exit``: the specializing replay's final heads
+    (what they would allow if they had served the whole stream) within the budget.
+    """
+    limits = {"budget": _hindsight(streamed, budget),
+              "budget_per_exit": _hindsight(streamed, budget, shared=False)}
+    if section.frozen is not None:
+        limits["same_drop"] = _hindsight(streamed, section.frozen.true_drop_stream)
+    if streamed_after is not None:
+        limits["specialized"] = _hindsight(streamed_after, budget)
+        limits["specialized_per_exit"] = _hindsight(streamed_after, budget, shared=False)
+    return limits

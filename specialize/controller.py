@@ -1,4 +1,4 @@
-"""The budget controller: re-chooses the shared exit threshold online to hold an accuracy budget.
+"""The budget controller: re-chooses the exit thresholds online to hold an accuracy budget.
 
 ``policy.budget`` is the accuracy the user allows to lose against the final exit, in points.
 The controller is a step hook of the serving thread. It holds every exit's answers on the
@@ -7,10 +7,11 @@ fine there, that is training time) and, from the served predictions alone, the s
 mix (:class:`~specialize.updater.prior.ClassPrior`). To choose, it recomputes the validation
 answers for the heads served now (:func:`~specialize.evaluation.rerun_heads`: heads only, no
 backbone), draws validation rows with the stream's class mix
-(:func:`~specialize.operating_point.stream_mix_rows`) and takes the cheapest shared threshold
-whose drop's upper confidence bound stays within the budget
-(:func:`~specialize.operating_point.choose_thresholds`, the search ``calibrate_thresholds``
-runs). :mod:`specialize.operating_point` says why this estimator and not the audits.
+(:func:`~specialize.operating_point.stream_mix_rows`) and takes the cheapest thresholds (one
+per early exit by default, ``policy.budget_thresholds``) whose drop's upper confidence bound
+stays within the budget (:func:`~specialize.operating_point.choose_thresholds`, the search
+``calibrate_thresholds`` runs). :mod:`specialize.operating_point` says why this estimator
+and not the audits.
 
 When it re-chooses (``trigger`` in the history):
 
@@ -25,7 +26,7 @@ When it re-chooses (``trigger`` in the history):
   publication would rerun the heads every 32 samples, so publications wait for this beat),
   ``periodic`` when only the class mix moved.
 
-The thresholds go to the engine's policy (one threshold shared by all early exits) before
+The thresholds go to the engine's policy before
 the next step. A bounded history (``history_size``, the last choices) says where, what and
 why.
 """
@@ -55,7 +56,7 @@ TRIGGERS = ("start", "drift", "rollback", "heads", "periodic")
 
 
 class BudgetController:
-    """Step hook that holds ``budget`` by re-choosing the engine's shared threshold.
+    """Step hook that holds ``budget`` by re-choosing the engine's thresholds.
 
     Args:
         evidence: Every exit's answers on the validation set with ``head_inputs`` kept
@@ -65,17 +66,19 @@ class BudgetController:
         retune_every: Samples between regular re-choices (and the class prior's window).
         history_size: Choices kept in :attr:`history` (the last ones).
         measure: The policy's confidence measure.
+        shared: One threshold for all early exits, or one per early exit (the default).
 
     Attributes:
-        history: The last choices, oldest first: dicts of ``position``, ``threshold``
-            (``None``: early exits off), ``drop`` and ``bound`` (estimated, points),
+        history: The last choices, oldest first: dicts of ``position``, ``threshold`` (the
+            first early exit's; ``None``: off), ``thresholds`` (every early exit's),
+            ``drop`` and ``bound`` (estimated, points),
             ``flops`` (estimated mean per sample on the stream's mix), ``rows``, ``trigger``.
         retunes: Choices made in all (``history`` keeps the last ``history_size``).
     """
 
     def __init__(self, evidence: ExitPass, budget: float, *, confidence: float = 0.95,
                  retune_every: int = 500, history_size: int = 200,
-                 measure: str = "max_softmax") -> None:
+                 measure: str = "max_softmax", shared: bool = False) -> None:
         if evidence.head_inputs is None:
             raise ValueError("the controller's evidence needs head inputs: run exit_pass(..., "
                              "keep_head_inputs=True) on the validation set")
@@ -85,6 +88,7 @@ class BudgetController:
         self.z = normal_quantile(confidence)
         self.retune_every = int(retune_every)
         self.measure = measure
+        self.shared = bool(shared)
         self.num_classes = int(evidence.labels.max()) + 1 if len(evidence) else 1
         self.prior: ClassPrior | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
@@ -157,14 +161,15 @@ class BudgetController:
         return stream_mix_rows(self.evidence.labels, self.prior.probabilities())
 
     def _choose(self, trigger: str) -> BudgetChoice:
-        choice = choose_thresholds(self.evidence, self._rows(trigger), self.budget, self.z)
+        choice = choose_thresholds(self.evidence, self._rows(trigger), self.budget, self.z,
+                                   shared=self.shared)
         engine = self.engine
         engine.policy = dataclasses.replace(engine.policy, thresholds=choice.thresholds)
-        threshold = choice.thresholds[0] if choice.thresholds else math.inf
+        values = [t if math.isfinite(t) else None for t in choice.thresholds]
         self.history.append({
-            "position": self.position, "threshold": threshold if math.isfinite(threshold)
-            else None, "drop": choice.drop, "bound": choice.bound, "flops": choice.mean_flops,
-            "rows": choice.samples, "trigger": trigger})
+            "position": self.position, "threshold": values[0] if values else None,
+            "thresholds": values, "drop": choice.drop, "bound": choice.bound,
+            "flops": choice.mean_flops, "rows": choice.samples, "trigger": trigger})
         self.retunes += 1
         self.last_choice = self.position
         self.heads_changed = False

@@ -119,14 +119,19 @@ class BudgetChoice:
 
 
 def choose_thresholds(evidence: ExitPass, rows: Tensor, budget: float,
-                      z: float) -> BudgetChoice:
-    """The cheapest shared threshold whose drop's upper bound stays within ``budget``.
+                      z: float, shared: bool = True) -> BudgetChoice:
+    """The cheapest thresholds whose drop's upper bound stays within ``budget``.
 
     Args:
         evidence: Every exit's answers on the validation set, for the heads served now.
         rows: Which validation rows (with repeats) form the stream's class mix.
         budget: Allowed accuracy drop against the final exit, points.
         z: Standard errors added to the estimated drop.
+        shared: One threshold for every early exit (exact search), or one per early exit
+            (``calibrate_thresholds(shared=False)``: the shared optimum refined exit by exit;
+            never costlier). Per exit matters once heads specialize: an early head that now
+            beats the final exit on the stream's classes may answer almost everything that
+            reaches it, while the heads before it stay strict, which no shared value allows.
 
     Returns:
         The choice; with no row, the final exit answers everything.
@@ -136,7 +141,8 @@ def choose_thresholds(evidence: ExitPass, rows: Tensor, budget: float,
         return BudgetChoice((math.inf,) * num_early, 0.0, 0.0, math.nan, 0)
     chosen = evidence.subset(rows)
     arrays = (chosen.confidence.numpy(), chosen.correct.numpy(), chosen.flops.numpy())
-    result: CalibrationResult = calibrate_thresholds(*arrays, max_drop=budget, bound=z)
+    result: CalibrationResult = calibrate_thresholds(*arrays, max_drop=budget, bound=z,
+                                                     shared=shared)
     final = 100.0 * float(np.mean(arrays[1][:, -1]))
     drop = final - result.accuracy
     error = float(drop_standard_error(*arrays, np.array(result.thresholds)[None])[0])

@@ -31,6 +31,7 @@ from specialize.curves import (
 )
 
 __all__ = [
+    "BUDGET_THRESHOLDS",
     "CONFIDENCE_MEASURES",
     "CalibrationResult",
     "ExitPolicy",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 CALIBRATION_TARGETS = ("accuracy", "flops")
+BUDGET_THRESHOLDS = ("per_exit", "shared")  # how the budget controller sets thresholds
 
 # Largest value each measure can take; a finite threshold above it disables the exit silently.
 MEASURE_MAX = {"max_softmax": 1.0, "margin": 1.0, "neg_entropy": 0.0}
@@ -65,9 +67,11 @@ class ExitPolicy:
             exit. The last exit always answers. The default suits ``max_softmax``/``margin``;
             ``neg_entropy`` values are ``<= 0``.
         budget: Allowed accuracy drop against the final exit, in points: the run's budget
-            controller (``specialize.controller``) then chooses one shared threshold online,
+            controller (``specialize.controller``) then chooses the thresholds online,
             label-free, and ``thresholds`` only serves the held-out operating points.
             ``None``: the fixed ``thresholds``.
+        budget_thresholds: With a budget: ``per_exit`` (one threshold per early exit, the
+            greedy refinement of the shared optimum) or ``shared`` (one for all).
         budget_confidence: One-sided confidence that the estimated drop holds the budget.
         retune_every: With a budget: samples between regular threshold choices.
         history_size: With a budget: threshold choices kept in the summary (the last).
@@ -77,6 +81,7 @@ class ExitPolicy:
     thresholds: float | tuple[float, ...] = 0.9
     budget: float | None = None
     budget_confidence: float = 0.95
+    budget_thresholds: str = "per_exit"
     retune_every: int = 500
     history_size: int = 200
 
@@ -88,6 +93,7 @@ class ExitPolicy:
         _check_threshold_values(self.measure, np.atleast_1d(self.thresholds))
         check_number("budget", self.budget, ge=0, optional=True)
         check_number("budget_confidence", self.budget_confidence, ge=0.5, lt=1)
+        check_choice("budget_thresholds", self.budget_thresholds, BUDGET_THRESHOLDS)
         check_int("retune_every", self.retune_every, ge=1)
         check_int("history_size", self.history_size, ge=1)
 

@@ -45,6 +45,7 @@ from specialize.budget_run import (
     budget_phase,
     budget_replay,
     budget_section,
+    specialized_stream_pass,
 )
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.drift.tracker import DEFAULT_MAX_WINDOWS
@@ -320,13 +321,19 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
     after = session.phase("curves_after",
                           lambda: _curves_after(model, stream, config, special, before),
                           _passes_state, _passes_from_state)
+    streamed_after = None
+    if config.policy.budget is not None:  # the specialized hindsight, heads as served
+        streamed_after = session.phase(
+            "stream_pass_after",
+            lambda: specialized_stream_pass(model, streamed, stream, config),
+            _pass_state, lambda state: ExitPass(**state))
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
     records = RunRecords(checkpoint=checkpoint, measure=config.policy.measure,
                          thresholds=thresholds, before=before, after=after,
                          specializing=special, frozen=frozen, timings=dict(session.timings),
                          trained_on=training_data(read_checkpoint(checkpoint)))
     if budget is not None:
-        records.budget = budget_section(config, budget, records, streamed)
+        records.budget = budget_section(config, budget, records, streamed, streamed_after)
     summary = build_summary(config, model, stream, records)
     model.heads.load_state_dict(base_heads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,6 +455,10 @@ def _passes_state(passes: EvalSplits[ExitPass]) -> dict[str, Any]:
                                            for f in dataclasses.fields(p)
                                            if f.name != "head_inputs"}
             for split, p in (("in", passes.eval_in), ("out", passes.eval_out))}
+
+
+def _pass_state(passed: ExitPass) -> dict[str, Any]:
+    return {name: getattr(passed, name) for name in ("confidence", "pred", "flops", "labels")}
 
 
 def _passes_from_state(state: dict[str, Any]) -> EvalSplits[ExitPass]:

@@ -15,6 +15,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _pass_cache(tmp_path_factory):
+    """Validation passes that tests make are cached in a temporary folder, not the user's."""
+    import specialize.budget_run as budget_run
+
+    folder = tmp_path_factory.mktemp("cache")
+    original = budget_run.cache_dir
+    budget_run.cache_dir = lambda: folder
+    yield folder
+    budget_run.cache_dir = original
+
+
 def tiny_model(name: str = "tiny_resnet", **kwargs: object):
     """A small multi-exit model on 16x16 inputs, in eval mode."""
     kwargs.setdefault("input_size", TINY_INPUT)

@@ -252,11 +252,40 @@ def test_a_run_with_a_budget_reports_estimates_beside_the_truth(trained, tmp_pat
         assert entry["retunes"] >= 2 and entry["history"][0]["trigger"] == "start"
         assert 0 < entry["audits"] < 300 and 0 < entry["audit_flops_share"] < 1
         assert entry["true_drop_stream"] is not None and entry["true_drop_eval_in"] is not None
-    assert section["hindsight"]["budget"]["drop"] <= 2.0 + 1e-9
+    hindsight = section["hindsight"]
+    for key in ("budget", "budget_per_exit", "specialized", "specialized_per_exit"):
+        assert hindsight[key]["drop"] <= 2.0 + 1e-9, key
+    for heads in ("budget", "specialized"):  # per exit refines the shared optimum
+        assert hindsight[f"{heads}_per_exit"]["mean_flops"] <= hindsight[heads]["mean_flops"]
+        assert len(hindsight[f"{heads}_per_exit"]["threshold"]) == 3  # tiny_resnet: 4 exits
     assert (tmp_path / "run" / "thresholds.png").is_file()
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Operating point: budget and audits" in report and "thresholds.png" in report
     assert "label-free" in format_headline(summary)
+
+
+def test_the_validation_pass_is_cached_per_model_and_read_back_equal(trained, _pass_cache):
+    from specialize.budget_run import cached_validation_pass
+    from specialize.run import RunConfig
+
+    _, model, train, _, transform = trained
+    config = RunConfig(progress=False)
+    before = set(_pass_cache.glob("passes/*.pt"))
+    first = cached_validation_pass(model, train, transform, config)
+    files = set(_pass_cache.glob("passes/*.pt")) - before
+    assert len(files) == 1
+    again = cached_validation_pass(model, train, transform, config)  # read from the file
+    for name in ("confidence", "pred", "flops", "labels"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+    for a, b in zip(first.head_inputs.inputs, again.head_inputs.inputs):
+        assert torch.equal(a, b)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.heads[-1][-1].bias.add_(1.0)  # other weights: another file, not a stale read
+    cached_validation_pass(other, train, transform, config)
+    assert len(set(_pass_cache.glob("passes/*.pt")) - before) == 2
+    next(iter(files)).write_bytes(b"broken")  # unreadable: recomputed, not an error
+    assert torch.equal(cached_validation_pass(model, train, transform, config).pred, first.pred)
 
 
 def test_async_serving_with_audits_and_a_budget_runs_through(trained):

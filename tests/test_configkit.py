@@ -153,6 +153,7 @@ def test_values_are_normalised_and_round_trip():
     assert from_dict(RunConfig, to_dict(config)) == config
     assert to_dict(config)["policy"] == {"measure": "max_softmax", "thresholds": [0.9, 1.0],
                                          "budget": None, "budget_confidence": 0.95,
+                                         "budget_thresholds": "per_exit",
                                          "retune_every": 500, "history_size": 200}
     train = from_dict(TrainConfig, {"step_milestones": [1, 2], "exit_weights": [0, 1]})
     assert train.step_milestones == (1.0, 2.0) and train.exit_weights == (0.0, 1.0)

@@ -86,20 +86,40 @@ def _md_settings(section: BudgetSection) -> str:
 
 def _md_hindsight(section: BudgetSection, unit: FlopsUnit) -> str:
     parts = []
-    for key, label in (("budget", "within the budget"), ("same_drop", "at the frozen "
-                                                          "controller's true drop")):
+    for key, label in (("budget", "frozen heads within the budget"),
+                       ("same_drop", "frozen heads at the frozen controller's true drop"),
+                       ("budget_per_exit", "frozen heads, one threshold per exit"),
+                       ("specialized", "the specialized heads within the budget"),
+                       ("specialized_per_exit", "the specialized heads, one threshold per exit")):
         point = section.hindsight.get(key)
         if point:
-            parts.append(f"{label}: threshold {num(point.get('threshold'), 3)}, "
+            parts.append(f"{label}: threshold {_hindsight_thresholds(point.get('threshold'))}, "
                          f"{unit.format(point.get('mean_flops'))} {unit.name} "
                          f"(true drop {pt(point.get('drop'))})")
-    return ("Hindsight (labels, offline, frozen heads, no audits): the cheapest shared "
-            "threshold " + "; ".join(parts) + ".")
+    return ("Hindsight (labels, offline, on the stream's samples, no audits; the specialized "
+            "heads are the replay's last ones, as if they had served the whole stream): the "
+            "cheapest thresholds, " + "; ".join(parts) + ".")
+
+
+def _hindsight_thresholds(value: float | list[float | None] | None) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join("off" if t is None else num(t, 3) for t in value) + "]"
+    return num(value, 3)
+
+
+def _threshold_series(history: list[dict]) -> list[list[float]]:
+    """Per early exit, its threshold at every choice (NaN: off); old histories: the shared one."""
+    rows = [h.get("thresholds") or [h["threshold"]] for h in history]
+    count = max(len(row) for row in rows)
+    return [[math.nan if k >= len(row) or row[k] is None else row[k] for row in rows]
+            for k in range(count)]
 
 
 def _thresholds(replay: BudgetReplay) -> str:
-    values = {("off" if t is None else num(t, 3)) for t in replay.thresholds}
-    return " / ".join(sorted(values)) if values else "n/a"
+    values = [("off" if t is None else num(t, 3)) for t in replay.thresholds]
+    if len(set(values)) == 1:
+        return values[0]
+    return " / ".join(values) if values else "n/a"
 
 
 def _count(value: int | None) -> str:
@@ -117,7 +137,7 @@ def _belief(replay: BudgetReplay) -> str:
 
 
 def plot_thresholds(summary: RunSummary) -> Figure:
-    """The shared threshold the controller chose over the stream, frozen and specializing."""
+    """The thresholds the controller chose over the stream, frozen and specializing."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9.0, 4.2), dpi=120, layout="constrained")
@@ -125,21 +145,24 @@ def plot_thresholds(summary: RunSummary) -> Figure:
     section = summary.budget
     ax.set_title(f"Thresholds over time (budget {num(section.budget, 2)} pt)")
     end = (summary.scenario.length if summary.scenario and summary.scenario.length else None)
+    colors = ("C0", "C1", "C2", "C3", "C4", "C5")
     for name, style in zip(REPLAYS, ("--", "-")):
         replay = getattr(section, name)
         if replay is None or not replay.history:
             continue
         positions = [h["position"] for h in replay.history]
-        values = [math.nan if h["threshold"] is None else h["threshold"]
-                  for h in replay.history]
         if end is not None and end > positions[-1]:
-            positions, values = positions + [end], values + [values[-1]]
-        ax.step(positions, values, where="post", linestyle=style, label=name)
+            positions = positions + [end]
+        for k, series in enumerate(_threshold_series(replay.history)):
+            if len(series) < len(positions):
+                series = series + [series[-1]]
+            ax.step(positions, series, where="post", linestyle=style,
+                    color=colors[k % len(colors)], label=f"{name}, exit {k + 1}")
         for h in replay.history:
             if h["trigger"] in ("drift", "rollback"):
                 ax.axvline(h["position"], color="grey", alpha=0.4, linewidth=0.8)
     ax.set_xlabel("stream position (samples)")
-    ax.set_ylabel("shared threshold (early exits)")
+    ax.set_ylabel("threshold (off: not drawn)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return figure

@@ -17,7 +17,10 @@ Splits (file numbers ``<n>`` of the train images; every split is deterministic):
 * ``train``: every train image; ``val``: every val image.
 * ``exits``: train images ``0..249`` of each class. They teach the exit heads; nothing else
   reads them. ``exits_fit`` (``0..229``) and ``exits_val`` (``230..249``) divide them into
-  what the heads are fitted on and what chooses and calibrates them.
+  what the heads are fitted on and what chooses and calibrates them; ``exits_fit150``
+  (``0..149``) and ``exits_val100`` (``150..249``) divide them with five times the
+  labelled rows a class for choosing (the shipped model's division: the budget controller's
+  estimate at a stream's class mix rests on them).
 * ``pool``: train images ``250..`` and every val image. Streams and their held-out
   evaluation sets are drawn from here (``holdout_fraction`` per class), so no stream or
   evaluation sample ever taught an exit.
@@ -44,17 +47,23 @@ from streams.datasets.base import ArrayDataset, DataFormatError, resolve_root
 
 TINY_IMAGENET_ENV = "SPECIALIZE_TINY_IMAGENET"
 TINY_IMAGENET_DEFAULT_ROOT = Path.home() / ".cache" / "specialize" / "tiny-imagenet-200.zip"
-TINY_IMAGENET_SPLITS = ("train", "val", "exits", "exits_fit", "exits_val", "pool")
+TINY_IMAGENET_SPLITS = ("train", "val", "exits", "exits_fit", "exits_val", "exits_fit150",
+                        "exits_val100", "pool")
 EXITS_END = 250  # train images 0..249 of each class teach the exits
 EXITS_FIT_END = 230  # of those, 0..229 fit the heads and 230..249 choose and calibrate them
+# The other division (the shipped model's): 0..149 fit, 150..249 (100 a class) choose,
+# calibrate and give the budget controller five times the labelled rows of a class.
+EXITS_FIT150_END = 150
 # The images of each split in named parts (train file numbers, val): splits share images
 # exactly when their parts meet (streams.datasets.shares_images).
 TINY_IMAGENET_SPLIT_PARTS = {
-    "train": frozenset({"train 0-229", "train 230-249", "train 250-"}),
+    "train": frozenset({"train 0-149", "train 150-229", "train 230-249", "train 250-"}),
     "val": frozenset({"val"}),
-    "exits": frozenset({"train 0-229", "train 230-249"}),
-    "exits_fit": frozenset({"train 0-229"}),
+    "exits": frozenset({"train 0-149", "train 150-229", "train 230-249"}),
+    "exits_fit": frozenset({"train 0-149", "train 150-229"}),
     "exits_val": frozenset({"train 230-249"}),
+    "exits_fit150": frozenset({"train 0-149"}),
+    "exits_val100": frozenset({"train 150-229", "train 230-249"}),
     "pool": frozenset({"train 250-", "val"}),
 }
 _FOLDER = "tiny-imagenet-200"
@@ -176,6 +185,8 @@ def _split_files(archive: _Archive, split: str,
         "exits": lambda n: n < EXITS_END,
         "exits_fit": lambda n: n < EXITS_FIT_END,
         "exits_val": lambda n: EXITS_FIT_END <= n < EXITS_END,
+        "exits_fit150": lambda n: n < EXITS_FIT150_END,
+        "exits_val100": lambda n: EXITS_FIT150_END <= n < EXITS_END,
         "pool": lambda n: n >= EXITS_END,
     }
     chosen = [item for item in train if ranges[split](item[1])]
