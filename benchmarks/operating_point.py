@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/operating_point"))
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--save", type=Path, help="write the records as JSON to this file")
-    parser.add_argument("--load", type=Path, help="print the table and goals of records "
-                        "saved with --save instead of running")
+    parser.add_argument("--load", type=Path, nargs="+", help="print the table and goals of "
+                        "records saved with --save instead of running (several files: rows of "
+                        "the same scenario and seed are merged)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -316,9 +317,7 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.load:
-        records = json.loads(args.load.read_text())
-        per_seed = {(r.pop("scenario"), r.pop("seed")): r for r in records}
-        return report(per_seed, args)
+        return report(load_records(args.load), args)
     jobs = jobs_of(args)
     results = []
     with tqdm(total=len(jobs), desc="runs", unit="run", file=sys.stderr) as bar:
@@ -339,6 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.write_text(json.dumps(records, indent=2) + "\n")
     return report(per_seed, args)
+
+
+def load_records(paths: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Saved records by (scenario, seed); a later file's figures fill in or replace."""
+    per_seed: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        for record in json.loads(path.read_text()):
+            key = (record.pop("scenario"), record.pop("seed"))
+            row = per_seed.setdefault(key, {})
+            row.update({k: v for k, v in record.items() if v is not None or k not in row})
+    return dict(sorted(per_seed.items()))
 
 
 def report(per_seed: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> int:

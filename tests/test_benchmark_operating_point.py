@@ -67,3 +67,46 @@ def test_a_drop_beyond_budget_plus_slack_fails(bench):
     per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.76)).items()}
     marks = bench.goals(per_seed)
     assert [passed for text, passed in marks if text.startswith("true drop")] == [False]
+
+
+def tiny_results(scenario: str, frozen: float, special: float, drop: float) -> list[dict]:
+    budget = {"frozen": entry(frozen, drop), "specializing": entry(special, drop),
+              "hindsight": {"budget": {"mean_flops": 229e6}, "same_drop": {"mean_flops": 230e6},
+                            "specialized": {"mean_flops": special * 1e6 / 1.1}}}
+    return [
+        {"scenario": scenario, "seed": 0, "variant": "fixed", "budget": None,
+         "stream": {"specializing": {"mean_flops": 242e6}}},
+        {"scenario": scenario, "seed": 0, "variant": "budget0.5", "budget": budget,
+         "stream": {}},
+    ]
+
+
+def test_tiny_imagenet_goals_cover_subsets_mixed_streams_and_the_specialized_hindsight(bench):
+    rows = tiny_results("dogs", 240.0, 188.0, 0.3) + tiny_results("zipf", 230.0, 225.0, 0.3)
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(rows).items()}
+    marks = dict(bench.goals(per_seed, "tiny_imagenet"))
+    assert marks["specializing / frozen @0.5 on dogs: 0.783 <= 0.8"]
+    assert marks["specializing @0.5 / fixed 0.9 frozen on dogs: 0.777 <= 0.85"]
+    assert marks["specializing / frozen @0.5 on zipf: 0.978 <= 1.0"]
+    assert marks["specializing controller / specialized hindsight: mean 1.100 <= 1.15"]
+    worse = tiny_results("dogs", 240.0, 200.0, 0.3)
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(worse).items()}
+    assert not dict(bench.goals(per_seed, "tiny_imagenet"))[
+        "specializing / frozen @0.5 on dogs: 0.833 <= 0.8"]
+
+
+def test_saved_records_of_two_commands_merge_by_scenario_and_seed(bench, tmp_path):
+    import json
+
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(results(22.0, 19.8, 0.4)).items()}
+    first = [{"scenario": s, "seed": seed, **row} for (s, seed), row in per_seed.items()]
+    extra = {k: bench.figures(r) for k, r in bench.collect(
+        [{"scenario": "tops", "seed": 0, "variant": "budget0.25", "stream": {},
+          "budget": {"specializing": entry(21.0, 0.1)}}]).items()}
+    second = [{"scenario": s, "seed": seed, **row} for (s, seed), row in extra.items()]
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = bench.load_records([tmp_path / "a.json", tmp_path / "b.json"])
+    row = merged[("tops", 0)]
+    assert row["fixed_mflops"] == 30.0 and row["special_vs_frozen"] == pytest.approx(0.9)
+    assert row["specializing_0.25"]["mflops"] == 21.0
