@@ -189,6 +189,8 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     out["hindsight_per_exit_mflops"] = limit("budget_per_exit")
     out["hindsight_specialized_mflops"] = limit("specialized")
     out["hindsight_specialized_per_exit_mflops"] = limit("specialized_per_exit")
+    out["hindsight_specialized_eval_in_mflops"] = limit("specialized_eval_in")
+    out["hindsight_specialized_eval_in_per_exit_mflops"] = limit("specialized_eval_in_per_exit")
     frozen_mflops = _m(frozen and frozen["mean_flops"])
     special_mflops = _m(special and special["mean_flops"])
     out["frozen_vs_fixed"] = _ratio(frozen_mflops, out["fixed_mflops"])
@@ -302,7 +304,11 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
                            ("hindsight @0.5 per exit", "hindsight_per_exit_mflops"),
                            ("specialized hindsight @0.5", "hindsight_specialized_mflops"),
                            ("specialized hindsight @0.5 per exit",
-                            "hindsight_specialized_per_exit_mflops")):
+                            "hindsight_specialized_per_exit_mflops"),
+                           ("specialized hindsight on eval_in @0.5 (MFLOPs there)",
+                            "hindsight_specialized_eval_in_mflops"),
+                           ("specialized hindsight on eval_in @0.5 per exit",
+                            "hindsight_specialized_eval_in_per_exit_mflops")):
             if any(r.get(key) for r in rows):
                 print(f"| | {label} | {_cell([r.get(key) for r in rows])} | | | | | | | |")
         for label, key in (("frozen@0.5 / fixed", "frozen_vs_fixed"),

@@ -288,6 +288,11 @@ def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
         section.flops_ratio = section.specializing.mean_flops / section.frozen.mean_flops
     if policy.budget is not None:
         section.hindsight = _hindsights(policy.budget, streamed, streamed_after, section)
+        if records.after is not None and records.after.eval_in is not None:
+            held_out = records.after.eval_in  # fresh images: what no head trained on
+            section.hindsight["specialized_eval_in"] = _hindsight(held_out, policy.budget)
+            section.hindsight["specialized_eval_in_per_exit"] = _hindsight(
+                held_out, policy.budget, shared=False)
     return section
 
 
@@ -298,7 +303,11 @@ def _hindsights(budget: float, streamed: ExitPass, streamed_after: ExitPass | No
     ``budget``/``budget_per_exit``: frozen heads, true drop within the budget (one shared
     threshold / one per exit); ``same_drop``: frozen heads at the frozen controller's own true
     drop; ``specialized``/``specialized_per_exit``: the specializing replay's final heads
-    (what they would allow if they had served the whole stream) within the budget.
+    (what they would allow if they had served the whole stream) within the budget. A stream
+    that shows its images more than once (the Tiny-ImageNet subsets draw 3,000 samples from
+    600 images) flatters the specialized heads here: they trained on those very images. The
+    caller adds ``specialized_eval_in`` (the same heads on held-out images of the stream's
+    classes), the limit that validation data can certify.
     """
     limits = {"budget": _hindsight(streamed, budget),
               "budget_per_exit": _hindsight(streamed, budget, shared=False)}

@@ -253,7 +253,8 @@ def test_a_run_with_a_budget_reports_estimates_beside_the_truth(trained, tmp_pat
         assert 0 < entry["audits"] < 300 and 0 < entry["audit_flops_share"] < 1
         assert entry["true_drop_stream"] is not None and entry["true_drop_eval_in"] is not None
     hindsight = section["hindsight"]
-    for key in ("budget", "budget_per_exit", "specialized", "specialized_per_exit"):
+    for key in ("budget", "budget_per_exit", "specialized", "specialized_per_exit",
+                "specialized_eval_in", "specialized_eval_in_per_exit"):
         assert hindsight[key]["drop"] <= 2.0 + 1e-9, key
     for heads in ("budget", "specialized"):  # per exit refines the shared optimum
         assert hindsight[f"{heads}_per_exit"]["mean_flops"] <= hindsight[heads]["mean_flops"]

@@ -90,7 +90,10 @@ def _md_hindsight(section: BudgetSection, unit: FlopsUnit) -> str:
                        ("same_drop", "frozen heads at the frozen controller's true drop"),
                        ("budget_per_exit", "frozen heads, one threshold per exit"),
                        ("specialized", "the specialized heads within the budget"),
-                       ("specialized_per_exit", "the specialized heads, one threshold per exit")):
+                       ("specialized_per_exit", "the specialized heads, one threshold per exit"),
+                       ("specialized_eval_in", "the specialized heads on eval_in (held out)"),
+                       ("specialized_eval_in_per_exit",
+                        "the specialized heads on eval_in, one threshold per exit")):
         point = section.hindsight.get(key)
         if point:
             parts.append(f"{label}: threshold {_hindsight_thresholds(point.get('threshold'))}, "
