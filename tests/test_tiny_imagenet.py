@@ -68,7 +68,7 @@ def tiny_folder(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("split", "numbers"), [
     ("train", NUMBERS), ("exits", [0, 1, 229, 230, 249]), ("exits_fit", [0, 1, 229]),
-    ("exits_val", [230, 249]),
+    ("exits_val", [230, 249]), ("exits_fit150", [0, 1]), ("exits_val100", [229, 230, 249]),
 ])
 def test_train_splits_follow_file_numbers(tiny_zip, split, numbers):
     data = load_tiny_imagenet(tiny_zip, split=split)
@@ -171,7 +171,17 @@ def test_small_end_to_end_run_on_the_shared_data(tmp_path, one_thread):
     summary = json.loads((out / "summary.json").read_text())
     assert sum(summary["stream"]["specializing"]["exit_histogram"]) == 120
     assert summary["updater"]["updates"] > 0 and summary["updater"]["error"] is None
-    assert summary["model"]["trained_on"] == ["tiny_imagenet/exits_fit",
-                                              "tiny_imagenet/exits_val"]
+    assert summary["model"]["trained_on"] == ["tiny_imagenet/exits_fit150",
+                                              "tiny_imagenet/exits_val100"]
     assert summary["model"]["stream_shares_training_images"] is False
     assert "no stream or held-out sample is one of them" in (out / "report.md").read_text()
+
+
+def test_the_two_divisions_of_the_exit_images_share_exactly_what_they_should():
+    from streams.datasets import shares_images
+
+    assert not shares_images("tiny_imagenet", "exits_fit150", "exits_val100")
+    assert not shares_images("tiny_imagenet", "pool", "exits_val100")
+    assert shares_images("tiny_imagenet", "exits_fit", "exits_val100")  # images 150-229
+    assert shares_images("tiny_imagenet", "exits_val", "exits_val100")
+    assert not shares_images("tiny_imagenet", "exits_fit150", "exits_val")
