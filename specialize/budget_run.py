@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 DEFAULT_AUDIT_RATE = 0.02  # with a budget and no engine.audit_rate: about 60 of 3,000 samples
 
 __all__ = ["BudgetInputs", "audit_rate", "budget_enabled", "budget_phase", "budget_replay",
-           "budget_section", "cached_validation_pass", "specialized_stream_pass",
-           "stream_pass"]
+           "budget_section", "cached_validation_pass", "pass_state",
+           "specialized_stream_pass", "stream_pass"]
 
 
 def audit_rate(config: RunConfig) -> float:
@@ -209,6 +209,11 @@ def specialized_stream_pass(model, streamed: ExitPass, stream, config: RunConfig
     return rerun if rerun is not None else stream_pass(model, stream, config)
 
 
+def pass_state(passed: ExitPass) -> dict[str, Any]:
+    """What a run state saves of a pass: its answers and labels (head inputs stay in memory)."""
+    return {name: getattr(passed, name) for name in ("confidence", "pred", "flops", "labels")}
+
+
 def budget_phase(config: RunConfig, session, model, checkpoint: str,
                  stream) -> tuple[BudgetInputs | None, ExitPass | None]:
     """The run's budget inputs and its ``stream_pass`` phase (``None, None``: both off).
@@ -218,10 +223,8 @@ def budget_phase(config: RunConfig, session, model, checkpoint: str,
     """
     if not budget_enabled(config):
         return None, None
-    fields = ("confidence", "pred", "flops", "labels")
     streamed = session.phase("stream_pass", lambda: stream_pass(model, stream, config),
-                             lambda p: {name: getattr(p, name) for name in fields},
-                             lambda state: ExitPass(**state))
+                             pass_state, lambda state: ExitPass(**state))
     return BudgetInputs(model, checkpoint, stream.transform, config), streamed
 
 
@@ -287,17 +290,14 @@ def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
     if section.frozen is not None and section.specializing is not None:
         section.flops_ratio = section.specializing.mean_flops / section.frozen.mean_flops
     if policy.budget is not None:
-        section.hindsight = _hindsights(policy.budget, streamed, streamed_after, section)
-        if records.after is not None and records.after.eval_in is not None:
-            held_out = records.after.eval_in  # fresh images: what no head trained on
-            section.hindsight["specialized_eval_in"] = _hindsight(held_out, policy.budget)
-            section.hindsight["specialized_eval_in_per_exit"] = _hindsight(
-                held_out, policy.budget, shared=False)
+        held_out = records.after.eval_in if records.after is not None else None
+        section.hindsight = _hindsights(policy.budget, streamed, streamed_after, held_out,
+                                        section)
     return section
 
 
 def _hindsights(budget: float, streamed: ExitPass, streamed_after: ExitPass | None,
-                section: BudgetSection) -> dict[str, Any]:
+                held_out: ExitPass | None, section: BudgetSection) -> dict[str, Any]:
     """The labelled limits a replay's cost is compared with (stream samples, offline).
 
     ``budget``/``budget_per_exit``: frozen heads, true drop within the budget (one shared
@@ -305,9 +305,9 @@ def _hindsights(budget: float, streamed: ExitPass, streamed_after: ExitPass | No
     drop; ``specialized``/``specialized_per_exit``: the specializing replay's final heads
     (what they would allow if they had served the whole stream) within the budget. A stream
     that shows its images more than once (the Tiny-ImageNet subsets draw 3,000 samples from
-    600 images) flatters the specialized heads here: they trained on those very images. The
-    caller adds ``specialized_eval_in`` (the same heads on held-out images of the stream's
-    classes), the limit that validation data can certify.
+    600 images) flatters the specialized heads here: they trained on those very images.
+    ``specialized_eval_in[_per_exit]``: the same heads on ``held_out`` (eval_in after, fresh
+    images of the stream's classes), the limit that validation data can certify.
     """
     limits = {"budget": _hindsight(streamed, budget),
               "budget_per_exit": _hindsight(streamed, budget, shared=False)}
@@ -316,4 +316,7 @@ def _hindsights(budget: float, streamed: ExitPass, streamed_after: ExitPass | No
     if streamed_after is not None:
         limits["specialized"] = _hindsight(streamed_after, budget)
         limits["specialized_per_exit"] = _hindsight(streamed_after, budget, shared=False)
+    if held_out is not None:
+        limits["specialized_eval_in"] = _hindsight(held_out, budget)
+        limits["specialized_eval_in_per_exit"] = _hindsight(held_out, budget, shared=False)
     return limits

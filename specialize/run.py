@@ -45,6 +45,7 @@ from specialize.budget_run import (
     budget_phase,
     budget_replay,
     budget_section,
+    pass_state,
     specialized_stream_pass,
 )
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
@@ -326,7 +327,7 @@ def _run_phases(config: RunConfig, model, checkpoint: str, stream: Stream,
         streamed_after = session.phase(
             "stream_pass_after",
             lambda: specialized_stream_pass(model, streamed, stream, config),
-            _pass_state, lambda state: ExitPass(**state))
+            pass_state, lambda state: ExitPass(**state))
     unanchor_heads(model)  # an anchored strategy wrapped the early heads
     records = RunRecords(checkpoint=checkpoint, measure=config.policy.measure,
                          thresholds=thresholds, before=before, after=after,
@@ -455,10 +456,6 @@ def _passes_state(passes: EvalSplits[ExitPass]) -> dict[str, Any]:
                                            for f in dataclasses.fields(p)
                                            if f.name != "head_inputs"}
             for split, p in (("in", passes.eval_in), ("out", passes.eval_out))}
-
-
-def _pass_state(passed: ExitPass) -> dict[str, Any]:
-    return {name: getattr(passed, name) for name in ("confidence", "pred", "flops", "labels")}
 
 
 def _passes_from_state(state: dict[str, Any]) -> EvalSplits[ExitPass]:
