@@ -2,9 +2,9 @@
 
 This module is the one place where thresholds are applied. The executor (batch 1 and
 batched), the engine's reference step, :func:`select_exits`, the threshold sweeps and
-operating points in ``specialize.curves`` and the calibration in ``specialize.policy`` all
-compare through :func:`accepts`, so a sample's exit is decided by the same comparison
-everywhere, ties included.
+operating points in ``specialize.evaluation.curves`` and the calibration in
+``specialize.policy`` all compare through :func:`accepts`, so a sample's exit is decided by
+the same comparison everywhere, ties included.
 
 The rule: exits are evaluated in order ``0 .. K-1``; exit ``k`` answers when its confidence
 ``c_k >= threshold_k`` (:func:`accepts`); the first exit that accepts answers and nothing

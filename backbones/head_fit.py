@@ -14,7 +14,7 @@ The recipe of ``configs/backbones/tiny_imagenet_lite0.yaml``:
    classes (matched by class id), or whichever of the two is more accurate on validation.
 
 The backbone never changes: only ``model.heads`` are written. ``backbones`` loads no data, so
-the caller (``specialize.zoo``) passes the images and a transform.
+the caller (``specialize.models.zoo``) passes the images and a transform.
 """
 
 from __future__ import annotations

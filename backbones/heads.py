@@ -69,7 +69,7 @@ def precomputed_prefix(head: nn.Module) -> int:
 def split_head(head: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(prefix, body)`` with ``body(prefix(x)) == head(x)``: the prefix is parameter-free.
 
-    A head class that holds other heads (``specialize.anchoring.AnchoredHead``) splits
+    A head class that holds other heads (``specialize.updater.anchoring.AnchoredHead``) splits
     itself through a ``split_prefix()`` method. The prefix is ``nn.Identity()`` when nothing
     can be split off.
     """

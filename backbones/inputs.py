@@ -12,7 +12,7 @@ point. Per case:
   convert exactly, float64 rounds to the nearest float32, and a float64 value beyond float32's
   range becomes ``inf`` and so counts as non-finite;
 * **NaN or inf values**: reported per row by :func:`finite_rows`; the caller raises or skips
-  (``specialize.engine``'s ``on_bad_input``);
+  (:class:`InputChecker`'s ``on_bad_input``, the engine's);
 * **an empty batch** (``B == 0``): valid; there is nothing to run.
 """
 
@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_finite", "finite_rows", "prepare_inputs"]
+__all__ = ["BAD_INPUT_ACTIONS", "InputChecker", "check_finite", "finite_rows",
+           "prepare_inputs"]
+
+BAD_INPUT_ACTIONS = ("error", "skip")  # what rows with NaN or inf values do
 
 
 def prepare_inputs(x: object, input_size: tuple[int, ...],
@@ -74,3 +77,38 @@ def check_finite(x: Tensor, fix: str = "fix the data") -> None:
         return
     bad = int((~finite_rows(x)).nonzero()[0])
     raise ValueError(f"input row {bad} has NaN/inf values; {fix}")
+
+
+class InputChecker:
+    """Validates engine inputs, per case (the module docstring lists them).
+
+    Args:
+        input_size: ``(C, H, W)`` the model expects.
+        on_bad_input: What rows with NaN or inf values do: ``error`` raises; ``skip`` marks
+            them invalid (counted, never learned from). Inputs of the wrong type, shape or an
+            integer dtype raise either way.
+        dtype: The model's floating dtype; other floating inputs are cast to it.
+    """
+
+    def __init__(self, input_size: tuple[int, ...], on_bad_input: str = "error",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if on_bad_input not in BAD_INPUT_ACTIONS:
+            raise ValueError(f"on_bad_input must be one of {BAD_INPUT_ACTIONS}, "
+                             f"got {on_bad_input!r}")
+        self.input_size = tuple(input_size)
+        self.on_bad_input = on_bad_input
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(x in the model's dtype, valid rows (B,) bool)``, or raise.
+
+        Raises:
+            ValueError: Wrong type, shape or integer dtype; or NaN/inf values with
+                ``on_bad_input="error"``. The message names the problem and the fix.
+        """
+        x = prepare_inputs(x, self.input_size, self.dtype)
+        if self.on_bad_input == "skip":
+            return x, finite_rows(x)
+        check_finite(x, "fix the data or set engine.on_bad_input=skip to count and skip "
+                        "such samples")
+        return x, torch.ones(x.shape[0], dtype=torch.bool)

@@ -1,6 +1,6 @@
 """``TrainConfig``: how to train a multi-exit backbone, validated through :mod:`configkit`.
 
-Loaded from YAML (``configs/backbones/*.yaml``, see ``specialize.zoo.load_train_config``);
+Loaded from YAML (``configs/backbones/*.yaml``, see ``specialize.models.zoo.load_train_config``);
 ``TrainConfig.fingerprint`` keys the cache of trained models.
 """
 

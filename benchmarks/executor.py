@@ -92,7 +92,7 @@ def default_checkpoint_path(config: str | None = None) -> Path | None:
     Never trains: the benchmark falls back to a random model instead.
     """
     try:
-        from specialize.zoo import DEFAULT_CONFIG, default_checkpoint
+        from specialize.models.zoo import DEFAULT_CONFIG, default_checkpoint
 
         path = DEFAULT_CONFIG if config is None else DEFAULT_CONFIG.with_name(config)
         return default_checkpoint(path, train_if_missing=False, progress=False)
@@ -161,7 +161,7 @@ def load_inputs(model: MultiExitNet, count: int, root: str | None, dataset: str 
     """``count`` test images transformed for ``model``: Fashion-MNIST's first, or a seeded
     sample of Tiny-ImageNet's pool split (sorted by class, so its first images would be five
     classes only)."""
-    from specialize.zoo import input_transform
+    from specialize.models.zoo import input_transform
     from streams.datasets import load_dataset
 
     split = "pool" if dataset == "tiny_imagenet" else "test"

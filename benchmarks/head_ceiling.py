@@ -317,7 +317,7 @@ def train_early_heads(model: nn.Module, inputs: Sequence[Tensor], labels: Tensor
 # -- one (scenario, seed) ------------------------------------------------------------------
 
 def _front(result):
-    from specialize import curves
+    from specialize.evaluation import curves
 
     return curves.pareto_front(curves.sweep(result.confidence.numpy(), result.correct.numpy(),
                                             result.flops.numpy()))
@@ -338,7 +338,7 @@ def ceiling_figures(before, after, drop: float) -> dict[str, Any]:
         ``at_floor`` (whether the supervised curve reaches the target there: then
         ``flops_after`` no longer depends on how good the heads are).
     """
-    from specialize import curves
+    from specialize.evaluation import curves
 
     num = _specialization()._num  # finite float or None, as the other benchmark records
     oracle = curves.oracle_curve(before.correct.numpy(), before.flops.numpy())
@@ -374,7 +374,7 @@ def run_scenario(scenario: str, seed: int, samples: Sequence[int], args: argpars
     Returns:
         The records, in ``samples`` order.
     """
-    from specialize.evaluation import exit_pass
+    from specialize.evaluation.passes import exit_pass
     from specialize.run import build_run_stream, load_model
 
     torch.manual_seed(seed)

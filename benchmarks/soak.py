@@ -58,7 +58,7 @@ class SoakProbe:
     """Step hook on the evaluation side: one :class:`Block` every ``every`` samples."""
 
     def __init__(self, labels, updater, every: int) -> None:
-        from specialize.summarize import OnlineScore
+        from specialize.run.summarize import OnlineScore
 
         self.score = OnlineScore(labels)
         self.updater = updater

@@ -498,7 +498,7 @@ def _stream(config, model: torch.nn.Module):
 
 
 def _exit_pass(model: torch.nn.Module, data, transform, config):
-    from specialize.evaluation import exit_pass
+    from specialize.evaluation.passes import exit_pass
 
     return exit_pass(model, data.images, data.labels, transform,
                      measure=config.policy.measure, batch_size=config.evaluation.batch_size)
@@ -536,7 +536,7 @@ def run_switch(job: Job) -> dict[str, Any]:
 
 
 def _front(result):
-    from specialize import curves
+    from specialize.evaluation import curves
 
     return curves.pareto_front(curves.sweep(result.confidence.numpy(), result.correct.numpy(),
                                             result.flops.numpy()))
@@ -555,8 +555,8 @@ def switch_record(passes: dict[str, Any], thresholds: torch.Tensor,
     Returns:
         The record's figures (savings, ratio, accuracy changes, iso-accuracy details).
     """
-    from specialize import curves
-    from specialize.evaluation import operating_point
+    from specialize.evaluation import curves
+    from specialize.evaluation.passes import operating_point
 
     before = passes["before_new"]
     oracle = curves.oracle_curve(before.correct.numpy(), before.flops.numpy())

@@ -71,8 +71,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from backbones.checkpoint import read_checkpoint
-    from backbones.train import NonFiniteLossError, format_metrics
-    from specialize.zoo import cache_path, checkpoint_status, load_train_config, prepare_model
+    from backbones.train import NonFiniteLossError
+    from backbones.train_metrics import format_metrics
+    from specialize.models.zoo import (
+        cache_path,
+        checkpoint_status,
+        load_train_config,
+        prepare_model,
+    )
 
     config = load_train_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cache_path(config, Path(args.config).stem)
@@ -153,7 +159,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from specialize.report import to_jsonable
     from specialize.run import headline, load_run_config, run_experiment
-    from specialize.run_state import RunInterrupted
+    from specialize.run.state import RunInterrupted
 
     config = load_run_config(args.config, args.overrides)
     try:
@@ -181,9 +187,10 @@ def _cmd_curves(args: argparse.Namespace) -> int:
 
     from backbones.checkpoint import load_checkpoint
     from backbones.cost import flops_unit
-    from specialize import curves
-    from specialize.evaluation import exit_pass
-    from specialize.zoo import default_checkpoint, input_transform
+    from specialize.evaluation import curves
+    from specialize.evaluation.passes import exit_pass
+    from specialize.models.runtime import input_transform
+    from specialize.models.zoo import default_checkpoint
     from streams.datasets import load_dataset
 
     model, _ = load_checkpoint(args.checkpoint or default_checkpoint())

@@ -6,7 +6,7 @@ lives), and records each sample's prediction, exit, confidence and FLOPs. Then i
 hooks: the head updater learns from the selected exit's prediction, trackers record the
 compute per predicted class. The engine never sees labels: streams hand it inputs only.
 
-Bad inputs (checked by :class:`InputChecker` before anything runs; ``backbones.inputs``):
+Bad inputs (checked by ``backbones.inputs.InputChecker`` before anything runs):
 
 ==========================================  ===========================  ==============
 input                                       ``on_bad_input=error``       ``on_bad_input=skip``
@@ -48,10 +48,8 @@ from backbones import MultiExitModel
 from backbones.cost import flops_per_sample
 from backbones.executor.runner import AuditRecorder, AuditTrace
 from backbones.exit_rule import accepts, confidence, exit_thresholds
-from backbones.inputs import check_finite, finite_rows, prepare_inputs
+from backbones.inputs import InputChecker
 from specialize.policy import ExitPolicy
-
-BAD_INPUT_ACTIONS = ("error", "skip")
 
 
 @dataclass
@@ -330,41 +328,6 @@ class EngineResult:
         self.audit_flops_sum = state.get("audit_flops_sum", 0)
 
 
-class InputChecker:
-    """Validates engine inputs, per case (the module docstring lists them).
-
-    Args:
-        input_size: ``(C, H, W)`` the model expects.
-        on_bad_input: What rows with NaN or inf values do: ``error`` raises; ``skip`` marks
-            them invalid (counted, never learned from). Inputs of the wrong type, shape or an
-            integer dtype raise either way.
-        dtype: The model's floating dtype; other floating inputs are cast to it.
-    """
-
-    def __init__(self, input_size: tuple[int, ...], on_bad_input: str = "error",
-                 dtype: torch.dtype = torch.float32) -> None:
-        if on_bad_input not in BAD_INPUT_ACTIONS:
-            raise ValueError(f"on_bad_input must be one of {BAD_INPUT_ACTIONS}, "
-                             f"got {on_bad_input!r}")
-        self.input_size = tuple(input_size)
-        self.on_bad_input = on_bad_input
-        self.dtype = dtype
-
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(x in the model's dtype, valid rows (B,) bool)``, or raise.
-
-        Raises:
-            ValueError: Wrong type, shape or integer dtype; or NaN/inf values with
-                ``on_bad_input="error"``. The message names the problem and the fix.
-        """
-        x = prepare_inputs(x, self.input_size, self.dtype)
-        if self.on_bad_input == "skip":
-            return x, finite_rows(x)
-        check_finite(x, "fix the data or set engine.on_bad_input=skip to count and skip "
-                        "such samples")
-        return x, torch.ones(x.shape[0], dtype=torch.bool)
-
-
 class Engine:
     """Runs a multi-exit model over inputs and notifies hooks after every step.
 
@@ -377,8 +340,9 @@ class Engine:
         on_bad_input: ``error`` or ``skip`` (see :class:`InputChecker`).
         serving: Context-manager factory held around each inference step (the async updater
             provides one so that a step never sees half-published heads).
-        audits: Draws which samples are audited (``specialize.audits.AuditSampler``; the
-            step routine must then take an ``audit`` row mask); ``None``: no audits.
+        audits: Draws which samples are audited
+            (``specialize.operating_point.audits.AuditSampler``; the step routine must then
+            take an ``audit`` row mask); ``None``: no audits.
 
     Attributes:
         policy: The policy of the next step; a budget controller replaces it between steps.

@@ -4,7 +4,7 @@ The measures and the rule itself live in :mod:`backbones.exit_rule` and are re-e
 this module adds :class:`ExitPolicy`, which bundles a measure with thresholds, and
 :func:`calibrate_thresholds`, which picks thresholds on a labelled calibration split from one
 pass of all exits (the ``confidence``, ``correct`` and ``flops`` arrays of
-:mod:`specialize.curves`).
+:mod:`specialize.evaluation.curves`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from backbones.exit_rule import (
     select_exits,
 )
 from configkit import ConfigError, check_choice, check_fields, check_int, check_number
-from specialize.curves import (
+from specialize.evaluation.curves import (
     ArrayLike,
     CurvePoints,
     as_exit_arrays,
@@ -67,7 +67,7 @@ class ExitPolicy:
             exit. The last exit always answers. The default suits ``max_softmax``/``margin``;
             ``neg_entropy`` values are ``<= 0``.
         budget: Allowed accuracy drop against the final exit, in points: the run's budget
-            controller (``specialize.controller``) then chooses the thresholds online,
+            controller (:mod:`specialize.operating_point`) then chooses the thresholds online,
             label-free, and ``thresholds`` only serves the held-out operating points.
             ``None``: the fixed ``thresholds``.
         budget_thresholds: With a budget: ``per_exit`` (one threshold per early exit, the
@@ -173,7 +173,7 @@ def calibrate_thresholds(
     Ties go to higher accuracy (resp. lower FLOPs), then to the higher threshold.
 
     With ``shared=True`` one threshold serves all early exits and the choice is exact: every
-    distinct threshold is evaluated by :func:`specialize.curves.sweep`. With
+    distinct threshold is evaluated by :func:`specialize.evaluation.curves.sweep`. With
     ``shared=False`` the shared optimum is refined by greedy coordinate search: for each
     early exit in turn, try ``num_candidates`` quantiles of that exit's confidence (and
     ``+inf``, "never answer here") with the other thresholds fixed, keep the best if it
@@ -181,10 +181,10 @@ def calibrate_thresholds(
     changes. The result is never worse than the shared optimum on the calibration split.
 
     ``correct`` may hold expected correctness (probabilities) instead of labels: the budget
-    controller (:mod:`specialize.operating_point`) passes the calibrated final exit's belief
+    controller (:mod:`specialize.operating_point.search`) passes the calibrated final exit's belief
     in each exit's answer on audited samples. With ``bound > 0`` the drop must hold with
     margin: target ``"accuracy"`` then requires ``drop + bound * standard error <= max_drop``
-    (:func:`specialize.curves.drop_standard_error`; ``bound=1.645`` is a one-sided 95 %
+    (:func:`specialize.evaluation.curves.drop_standard_error`; ``bound=1.645`` is a one-sided 95 %
     upper confidence bound).
 
     Args:

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from backbones import MultiExitModel
 from backbones.checkpoint import atomic_torch_save
-from specialize.audits import AuditLog, AuditSampler
 from specialize.drift import ClassCostTracker, DriftDetector
 from specialize.engine import Engine, EngineResult, StepHook, StepOutput, reference_step
+from specialize.operating_point.audits import AuditLog, AuditSampler
 from specialize.policy import ExitPolicy
 from specialize.updater import HeadUpdater
 
@@ -94,11 +94,12 @@ class Specializer:
             evaluator's online scoring; they are not part of :meth:`state_dict`).
         max_alarms: Alarm positions kept (the count of all alarms is kept too).
         audit_rate: Share of samples audited (run on to the final exit after answering;
-            :mod:`specialize.audits`); 0: none, and the engine runs as without audits.
+            :mod:`specialize.operating_point.audits`); 0: none, and the engine runs as without
+            audits.
         audit_seed: Seed of the audit draws.
         audit_temperature: Temperature of the final exit's softmax in the audits' belief
             estimate.
-        controller: A :class:`~specialize.controller.BudgetController` that sets the
+        controller: A :class:`~specialize.operating_point.controller.BudgetController` that sets the
             thresholds (``None``: the policy's fixed thresholds).
     """
 

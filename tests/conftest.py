@@ -18,7 +18,7 @@ def _seed() -> None:
 @pytest.fixture(autouse=True, scope="session")
 def _pass_cache(tmp_path_factory):
     """Validation passes that tests make are cached in a temporary folder, not the user's."""
-    import specialize.budget_run as budget_run
+    import specialize.run.budget as budget_run
 
     folder = tmp_path_factory.mktemp("cache")
     original = budget_run.cache_dir

@@ -15,7 +15,7 @@ import yaml
 
 from backbones import create_backbone
 from backbones.checkpoint import save_checkpoint
-from specialize.zoo import input_transform
+from specialize.models.runtime import input_transform
 from streams.datasets.synthetic import make_synthetic
 
 DATASET_OPTIONS = {"num_classes": 10, "samples_per_class": 40, "image_size": 16}

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specialize.anchoring import AnchoredHead, anchor_heads, is_anchored, unanchor_heads
 from specialize.updater import HeadUpdater, UpdaterConfig, check_model
+from specialize.updater.anchoring import AnchoredHead, anchor_heads, is_anchored, unanchor_heads
 from tests.conftest import TINY_INPUT
 from tests.test_updater import assert_same, batches, changed, snapshot
 

@@ -10,16 +10,16 @@ import torch
 from backbones.checkpoint import load_checkpoint
 from backbones.cost import flops_per_sample
 from configkit import ConfigError
-from specialize.controller import BudgetController
 from specialize.drift import ClassMixDriftDetector
 from specialize.engine import ExecutorStep, reference_step
-from specialize.evaluation import exit_pass, operating_point
+from specialize.evaluation.passes import exit_pass, operating_point
+from specialize.models.zoo import input_transform
+from specialize.operating_point.controller import BudgetController
 from specialize.policy import ExitPolicy
 from specialize.report import format_headline
+from specialize.run.summarize import OnlineScore
 from specialize.specializer import Specializer
-from specialize.summarize import OnlineScore
 from specialize.updater import HeadUpdater, UpdaterConfig
-from specialize.zoo import input_transform
 from streams.datasets.synthetic import make_synthetic
 from tests.conftest import randomize_batchnorm, randomize_gates, tiny_model
 from tests.runs import DATASET_OPTIONS, RUN_OVERRIDES, synthetic_scenario, trained_tiny_checkpoint
@@ -226,7 +226,7 @@ def test_budget_and_audit_state_round_trip_resumes_exactly(trained, tmp_path):
 # ---------------------------------------------------------------------------- the run
 def test_a_budget_without_validation_data_fails_up_front_naming_the_fix(tmp_path):
     from specialize.run import load_run_config
-    from specialize.run_checks import check_run_inputs
+    from specialize.run.checks import check_run_inputs
 
     checkpoint = trained_tiny_checkpoint(tmp_path / "m.pt", steps=1)
     scenario = synthetic_scenario(tmp_path / "s.yaml")
@@ -266,8 +266,8 @@ def test_a_run_with_a_budget_reports_estimates_beside_the_truth(trained, tmp_pat
 
 
 def test_the_validation_pass_is_cached_per_model_and_read_back_equal(trained, _pass_cache):
-    from specialize.budget_run import cached_validation_pass
     from specialize.run import RunConfig
+    from specialize.run.budget import cached_validation_pass
 
     _, model, train, _, transform = trained
     config = RunConfig(progress=False)

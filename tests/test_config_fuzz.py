@@ -24,10 +24,10 @@ from backbones.checkpoint import save_checkpoint
 from backbones.head_fit import FrozenBackboneConfig
 from backbones.train_config import TrainConfig
 from configkit import ConfigError, from_dict, load_yaml, to_dict
+from specialize.models.zoo import load_train_config
 from specialize.policy import ExitPolicy
 from specialize.run import RunConfig, load_run_config
-from specialize.run_checks import check_run_inputs
-from specialize.zoo import load_train_config
+from specialize.run.checks import check_run_inputs
 from streams.scenarios import ScenarioConfig, load_scenario
 from tests.conftest import tiny_model
 

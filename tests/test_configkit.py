@@ -269,7 +269,7 @@ def test_cli_fails_fast_with_one_line(overrides, message, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load for an invalid config")
 
-    monkeypatch.setattr("specialize.run.load_model", no_model)
+    monkeypatch.setattr("specialize.run.experiment.load_model", no_model)
     assert main(["run", "configs/scenarios/tops.yaml", *overrides]) == 2
     err = capsys.readouterr().err
     assert err == f"specialize: error: ConfigError: {message}\n"

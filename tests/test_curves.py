@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backbones.exit_rule import normalize_thresholds, select_exits
-from specialize.curves import (
+from specialize.evaluation.curves import (
     CurvePoints,
     accuracy_at_flops,
     evaluate_thresholds,

@@ -16,8 +16,8 @@ import streams.datasets
 
 # Packages whose every module is run through doctest, and single modules.
 PACKAGES = (configkit, specialize.drift, specialize.updater, streams.datasets)
-SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "specialize.audits",
-                  "specialize.calibration", "specialize.operating_point",
+SINGLE_MODULES = ["backbones.contract", "backbones.pretrained", "specialize.operating_point.audits",
+                  "specialize.operating_point.calibration", "specialize.operating_point.search",
                   "streams.transforms"]
 # Modules that must hold at least one example (deleting one fails the test, too).
 MUST_HAVE_EXAMPLES = {
@@ -28,8 +28,8 @@ MUST_HAVE_EXAMPLES = {
     "specialize.updater.health",
     "specialize.updater.prior",
     "backbones.pretrained",
-    "specialize.audits",
-    "specialize.calibration",
+    "specialize.operating_point.audits",
+    "specialize.operating_point.calibration",
     "streams.datasets.base",
     "streams.datasets.registry",
     "streams.datasets.synthetic",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from backbones.exit_rule import normalize_thresholds, select_exits
-from specialize.curves import drop_standard_error, sweep
+from specialize.evaluation.curves import drop_standard_error, sweep
 from specialize.policy import calibrate_thresholds
 
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from specialize.anchoring import anchor_heads
-from specialize.evaluation import exit_pass, rerun_heads
+from specialize.evaluation.passes import exit_pass, rerun_heads
+from specialize.updater.anchoring import anchor_heads
 from tests.conftest import TINY_INPUT
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from backbones.checkpoint import save_checkpoint
-from specialize.evaluation import ExitPass, exit_pass
+from specialize.evaluation.passes import ExitPass, exit_pass
 from tests.conftest import tiny_model
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "head_ceiling.py"

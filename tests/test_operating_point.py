@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from specialize.evaluation import ExitPass
-from specialize.operating_point import choose_thresholds, normal_quantile, stream_mix_rows
+from specialize.evaluation.passes import ExitPass
+from specialize.operating_point.search import choose_thresholds, normal_quantile, stream_mix_rows
 
 BUDGET = 1.0  # points
 

@@ -7,7 +7,7 @@ import torch
 
 from backbones import exit_rule
 from specialize import policy
-from specialize.curves import evaluate_thresholds, sweep
+from specialize.evaluation.curves import evaluate_thresholds, sweep
 from specialize.policy import CalibrationResult, ExitPolicy, calibrate_thresholds
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from specialize.cli import main
-from specialize.run_state import STATE_FILE
+from specialize.run.state import STATE_FILE
 from tests.runs import RUN_OVERRIDES, synthetic_scenario, trained_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from backbones.checkpoint import save_checkpoint
 from configkit import ConfigError
 from specialize.cli import main
 from specialize.run import load_run_config, run_experiment
-from specialize.run_checks import check_run_inputs
+from specialize.run.checks import check_run_inputs
 from tests.conftest import tiny_model
 
 SCENARIO = {"scenario": "subset", "name": "s", "dataset": "synthetic", "classes": [0, 2, 4],
@@ -34,7 +34,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load before the run's inputs are checked")
 
-    monkeypatch.setattr("specialize.run.load_model", refuse)
+    monkeypatch.setattr("specialize.run.experiment.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -72,14 +72,14 @@ def test_a_valid_config_passes_and_gives_the_stream(run_yaml):
 
 def test_a_model_prepared_during_the_run_is_checked_before_it_is_used(run_yaml, monkeypatch):
     # the default model is not prepared yet: its exits are known only once it is loaded
-    monkeypatch.setattr("specialize.run_checks._checkpoint_shape", lambda config: None)
-    monkeypatch.setattr("specialize.run.load_model",
+    monkeypatch.setattr("specialize.run.checks._checkpoint_shape", lambda config: None)
+    monkeypatch.setattr("specialize.run.experiment.load_model",
                         lambda *args, **kwargs: (tiny_model(num_classes=6), "prepared.pt"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("nothing may be evaluated with thresholds that do not fit")
 
-    monkeypatch.setattr("specialize.run._eval_sets", refuse)
+    monkeypatch.setattr("specialize.run.experiment._eval_sets", refuse)
     config = load_run_config(run_yaml, ["policy.thresholds=[0.9, 0.8]"])
     with pytest.raises(ConfigError, match="^policy.thresholds: the model has 4 exits"):
         run_experiment(config)

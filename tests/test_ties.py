@@ -22,9 +22,9 @@ import torch
 from backbones.executor import DynamicExecutor
 from backbones.executor.runner import reference_result
 from backbones.exit_rule import confidence, exit_thresholds, rule_values, select_exits
-from specialize import curves
 from specialize.engine import Engine, ExecutorStep, reference_step
-from specialize.evaluation import ExitPass, operating_point, per_class_at
+from specialize.evaluation import curves
+from specialize.evaluation.passes import ExitPass, operating_point, per_class_at
 from specialize.policy import ExitPolicy, calibrate_thresholds
 from tests.conftest import tiny_model
 

@@ -305,7 +305,7 @@ l1_weight: 1.0
 
 
 def test_cli_train_and_default_checkpoint_cache(tmp_path, monkeypatch, capsys):
-    from specialize import zoo
+    from specialize.models import zoo
     from specialize.cli import main
 
     monkeypatch.setenv("SPECIALIZE_CACHE", str(tmp_path / "cache"))
@@ -335,7 +335,7 @@ def test_cli_train_and_default_checkpoint_cache(tmp_path, monkeypatch, capsys):
 
 
 def test_default_configs_load():
-    from specialize.zoo import DEFAULT_CONFIG, load_train_config
+    from specialize.models.zoo import DEFAULT_CONFIG, load_train_config
 
     gated = load_train_config(DEFAULT_CONFIG)
     ungated = load_train_config(DEFAULT_CONFIG.with_name("fashion_mnist_tiny_ungated.yaml"))

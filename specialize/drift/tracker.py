@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from specialize.drift._inputs import ArrayLike, positive_int, to_1d, to_index
+from specialize.drift.history import copy_entry, merge_entries, pair_to_merge
 
 _STATE_VERSION = 1
 DEFAULT_MAX_WINDOWS = 500  # history entries: 125,000 samples at full resolution (window 250)
@@ -257,9 +258,9 @@ class ClassCostTracker:
     def _coarsen(self) -> None:
         """Merge adjacent history entries until at most ``max_windows`` remain."""
         while len(self._history) > self.max_windows:
-            index = _pair_to_merge([entry["end"] - entry["start"] for entry in self._history])
+            index = pair_to_merge([entry["end"] - entry["start"] for entry in self._history])
             first, second = self._history[index], self._history[index + 1]
-            self._history[index : index + 2] = [_merge_entries(first, second)]
+            self._history[index : index + 2] = [merge_entries(first, second)]
 
     def _window_entry(self) -> dict[str, Any]:
         pred = self._current["pred"]
@@ -287,7 +288,7 @@ class ClassCostTracker:
             Windows with labelled samples also carry ``mean_flops_true`` and ``counts_true``
             (by true class).
         """
-        return [_copy_entry(entry) for entry in self._history]
+        return [copy_entry(entry) for entry in self._history]
 
     # -------------------------------------------------------------------------------- get
     def get(self) -> dict[str, Any]:
@@ -436,7 +437,7 @@ class ClassCostTracker:
         self._current = {k: _ClassStats.from_state(v, *shape) for k, v in state["current"].items()}
         self._position = int(state["position"])
         self._window_start = int(state["window_start"])
-        self._history = [_copy_entry(entry) for entry in state["history"]]
+        self._history = [copy_entry(entry) for entry in state["history"]]
         self._coarsen()
         self._baseline = None
         if state.get("baseline") is not None:
@@ -462,53 +463,3 @@ def _class_means(stats: _ClassStats, suffix: str) -> dict[str, dict[int, float |
         f"mean_flops{suffix}": {int(c): float(m) for c, m in zip(seen, means, strict=True)},
         f"counts{suffix}": {int(c): int(stats.counts[c]) for c in seen},
     }
-
-
-def _pair_to_merge(spans: list[int]) -> int:
-    """Index of the first entry of the adjacent pair to merge (see ``ClassCostTracker``)."""
-    pairs = range(len(spans) - 1)
-    equal = [i for i in pairs if spans[i] == spans[i + 1]]
-    if equal:
-        return min(equal, key=lambda i: (spans[i], i))
-    return min(pairs, key=lambda i: (spans[i] + spans[i + 1], i))
-
-
-def _merge_entries(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
-    """One history entry spanning two adjacent ones (sample-weighted means)."""
-    sizes = (sum(first["exit_histogram"]), sum(second["exit_histogram"]))
-    merged = {"start": first["start"], "end": second["end"], **_merge_means(first, second, "")}
-    merged["exit_histogram"] = [a + b for a, b in zip(first["exit_histogram"],
-                                                      second["exit_histogram"], strict=True)]
-    merged["mean_flops_all"] = ((first["mean_flops_all"] * sizes[0]
-                                 + second["mean_flops_all"] * sizes[1]) / sum(sizes))
-    if "counts_true" in first or "counts_true" in second:
-        merged.update(_merge_means(first, second, "_true"))
-    return merged
-
-
-def _merge_means(first: Mapping[str, Any], second: Mapping[str, Any],
-                 suffix: str) -> dict[str, dict[int, float | int]]:
-    """Per-class counts and sample-weighted mean FLOPs of two entries together."""
-    parts = [(entry.get(f"counts{suffix}", {}), entry.get(f"mean_flops{suffix}", {}))
-             for entry in (first, second)]
-    counts: dict[int, int] = {}
-    totals: dict[int, float] = {}
-    for part_counts, part_means in parts:
-        for c, n in part_counts.items():
-            counts[c] = counts.get(c, 0) + n
-            totals[c] = totals.get(c, 0.0) + part_means[c] * n
-    classes = sorted(counts)
-    return {f"mean_flops{suffix}": {c: totals[c] / counts[c] for c in classes},
-            f"counts{suffix}": {c: counts[c] for c in classes}}
-
-
-def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy a history entry; class-keyed dicts get int keys back (JSON turns them into str)."""
-    copied = {}
-    for key, value in entry.items():
-        if isinstance(value, Mapping):
-            value = {int(c): v for c, v in value.items()}
-        elif isinstance(value, list):
-            value = list(value)
-        copied[key] = value
-    return copied

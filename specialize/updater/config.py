@@ -20,7 +20,7 @@ class UpdaterConfig:
     # thread trains a shadow copy of the heads and publishes it atomically
     mode: str = "sync"
     # "plain": serve the specialized early heads as they are; "anchored": serve each as a
-    # mixture with its frozen original head (specialize.anchoring), so that inputs the
+    # mixture with its frozen original head (specialize.updater.anchoring), so that inputs the
     # original head doubts are not answered early because the specialized head is sure
     strategy: str = "anchored"
     # anchored only: weight of the specialized head in the mixture, in (0, 1)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from backbones.contract import MultiExitModel
 from backbones.heads import precomputed_prefix
-from specialize.anchoring import anchor_heads, is_anchored
+from specialize.updater.anchoring import anchor_heads, is_anchored
 from specialize.updater.buffer import build_buffers
 from specialize.updater.config import UpdaterConfig
 from specialize.updater.heads import (
@@ -44,7 +44,7 @@ class HeadUpdater:
     """Specializes the early exit heads of a multi-exit model online (see the package doc).
 
     Construction calls :func:`configure_model` and :func:`check_model`, anchors the early heads
-    when ``config.strategy == "anchored"`` (:func:`specialize.anchoring.anchor_heads`: the
+    when ``config.strategy == "anchored"`` (:func:`specialize.updater.anchoring.anchor_heads`: the
     model then serves mixtures and the updater trains their ``spec`` parts), saves the base heads
     (for :meth:`reset`), sizes the replay buffers from ``config.buffer_mb`` and, in ``async``
     mode, starts the background thread.
@@ -128,7 +128,7 @@ class HeadUpdater:
             raise ValueError(
                 "the model's heads are anchored (by an earlier anchored HeadUpdater) but this "
                 "updater's strategy is 'plain'; use strategy='anchored' or first call "
-                "specialize.anchoring.unanchor_heads(model)")
+                "specialize.updater.anchoring.unanchor_heads(model)")
         return nn.ModuleList(trainable_part(head) for head in list(model.heads)[:-1])
 
     # ---- serving

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from backbones.contract import MultiExitModel
-from specialize.anchoring import AnchoredHead
+from specialize.updater.anchoring import AnchoredHead
 
 __all__ = ["check_model", "collect_params", "configure_model", "trainable_part"]
 

@@ -17,10 +17,10 @@ import torch
 
 import specialize
 from backbones.cost import FLOPS_CONVENTION
-from specialize import curves
 from specialize.drift import ClassCostTracker
 from specialize.engine import EngineResult
-from specialize.evaluation import (
+from specialize.evaluation import curves
+from specialize.evaluation.passes import (
     ExitPass,
     curve_points,
     operating_point,
@@ -50,7 +50,7 @@ from streams.datasets import shares_images
 from streams.replay import Stream
 
 if TYPE_CHECKING:
-    from specialize.run import RunConfig
+    from specialize.run.config import RunConfig
 
 
 # ---------------------------------------------------------------------------- the records
@@ -164,7 +164,7 @@ class RunRecords:
         frozen: The replay with the model frozen (``None`` if not run).
         timings: Seconds per step.
         trained_on: The ``dataset/split`` names that taught the model (``zoo.training_data``).
-        budget: The summary's ``budget`` section (``specialize.budget_run``), or ``None``.
+        budget: The summary's ``budget`` section (``specialize.run.budget``), or ``None``.
     """
 
     checkpoint: str

@@ -9,9 +9,9 @@ is read. Audits are the one source of two things:
 * the **label-free estimates** in the summary: disagreement with the final exit, and the
   belief estimate of the accuracy drop, the mean over audited samples of
   ``q(final answer) - q(served answer)`` with ``q`` the final exit's softmax at a temperature
-  fitted on validation data (:func:`specialize.calibration.fit_temperature`), with its
-  standard error. Answers of the final exit itself count as 0 for both, so both are means
-  over the stream.
+  fitted on validation data
+  (:func:`specialize.operating_point.calibration.fit_temperature`), with its standard error.
+  Answers of the final exit itself count as 0 for both, so both are means over the stream.
 
 Audit compute is real: its FLOPs count in the stream's FLOPs and are reported apart
 (``EngineResult.audit_flops_sum``). It runs in the serving thread, inside the step that

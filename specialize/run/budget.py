@@ -22,24 +22,24 @@ import torch
 from backbones.checkpoint import atomic_torch_save, read_checkpoint
 from backbones.gates import GateDecision
 from backbones.heads import split_head
-from specialize.calibration import fit_temperature
-from specialize.controller import BudgetController
-from specialize.curves import sweep
-from specialize.evaluation import (
+from specialize.evaluation.curves import sweep
+from specialize.evaluation.passes import (
     ExitPass,
     HeadInputs,
     exit_pass,
     operating_point,
     rerun_heads,
 )
-from specialize.operating_point import normal_quantile
+from specialize.models.zoo import cache_dir, validation_data
+from specialize.operating_point.calibration import fit_temperature
+from specialize.operating_point.controller import BudgetController
+from specialize.operating_point.search import normal_quantile
 from specialize.policy import calibrate_thresholds
-from specialize.run_state import weights_hash
+from specialize.run.state import weights_hash
 from specialize.summary import BudgetReplay, BudgetSection
-from specialize.zoo import cache_dir, validation_data
 
 if TYPE_CHECKING:
-    from specialize.run import RunConfig
+    from specialize.run.config import RunConfig
     from specialize.specializer import Specializer
 
 DEFAULT_AUDIT_RATE = 0.02  # with a budget and no engine.audit_rate: about 60 of 3,000 samples
@@ -264,7 +264,7 @@ def budget_section(config: RunConfig, inputs: BudgetInputs | None, records: Any,
     Args:
         config: The run config.
         inputs: The validation pass (``None`` when the run resumed past both replays).
-        records: The run's :class:`~specialize.summarize.RunRecords`.
+        records: The run's :class:`~specialize.run.summarize.RunRecords`.
         streamed: Every exit over the stream's samples with the base heads (labels inside).
         streamed_after: The same with the specialized heads (``None``: no specializing
             replay), for the specialized hindsight.

@@ -2,7 +2,7 @@
 
 Guo et al., 2017: divide the logits by ``T`` fitted to minimise the negative log-likelihood
 on held-out labelled data. ``T > 1`` softens an overconfident exit. The budget controller
-(:mod:`specialize.operating_point`) reads the final exit's calibrated softmax as the belief
+(:mod:`specialize.operating_point.search`) reads the final exit's calibrated softmax as the belief
 that an earlier exit's answer is right, so an overconfident final exit would overstate how
 much accuracy early answers lose (about 2x on the default model, uncalibrated).
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from backbones.checkpoint import read_checkpoint
 from backbones.contract import MultiExitModel
 from configkit import ConfigError, check_choice, from_dict
-from specialize.zoo import (
+from specialize.models.zoo import (
     default_checkpoint,
     default_model_config,
     load_train_config,
@@ -39,7 +39,7 @@ from streams.replay import Stream, build_stream
 from streams.scenarios import ScenarioConfig
 
 if TYPE_CHECKING:
-    from specialize.run import RunConfig
+    from specialize.run.config import RunConfig
 
 __all__ = ["ModelShape", "check_model_fits", "check_run_inputs"]
 

@@ -6,7 +6,7 @@ is used. What the controller knows:
 
 * the checkpoint's **validation set** (labelled at training time, never a stream sample): one
   pass of the frozen backbone keeps every head's pooled input, so each exit's answer on it can
-  be recomputed for the heads being served now (:func:`specialize.evaluation.rerun_heads`);
+  be recomputed for the heads being served now (:func:`specialize.evaluation.passes.rerun_heads`);
 * the **stream's class mix**, estimated from the answers it serves
   (:class:`specialize.updater.prior.ClassPrior`).
 
@@ -53,8 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from specialize.curves import drop_standard_error
-from specialize.evaluation import ExitPass
+from specialize.evaluation.curves import drop_standard_error
+from specialize.evaluation.passes import ExitPass
 from specialize.policy import CalibrationResult, calibrate_thresholds
 
 __all__ = ["BudgetChoice", "choose_thresholds", "normal_quantile", "stream_mix_rows"]

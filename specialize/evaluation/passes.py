@@ -19,7 +19,7 @@ from backbones.exit_rule import confidence as exit_confidence
 from backbones.exit_rule import select_exits
 from backbones.gates import GateDecision
 from backbones.heads import split_head
-from specialize import curves
+from specialize.evaluation import curves
 
 
 @dataclass

@@ -13,15 +13,24 @@ Values are plain Python; NaN may stand for "undefined" in memory and is written 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Generic, Literal, Self, TypeVar
-
-import numpy as np
+from typing import Any
 
 from backbones.cost import FLOPS_CONVENTION
+from specialize.summary.records import (
+    BeforeAfter,
+    EvalSplits,
+    JsonRecord,
+    as_is,
+    before_after,
+    class_keyed,
+    eval_splits,
+    json_field,
+    record,
+    records,
+    to_jsonable,
+)
 
 __all__ = [
     "BeforeAfter",
@@ -45,154 +54,6 @@ __all__ = [
     "as_run_summary",
     "to_jsonable",
 ]
-
-T = TypeVar("T")
-Split = Literal["eval_in", "eval_out"]
-Reader = Callable[[Any], Any]
-
-
-# ------------------------------------------------------------------------- JSON records
-def _field(*, key: str | None = None, read: Reader | None = None, omit_if_none: bool = False,
-           default: Any = None, default_factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field with its JSON handling in ``metadata``.
-
-    Args:
-        key: The JSON key, when it differs from the field's name (``class``, ``in``).
-        read: Turns the JSON value into the field's type (not called on ``null``).
-        omit_if_none: Leave the key out of the JSON object when the value is ``None``.
-        default: Default value.
-        default_factory: Default factory (for lists and dicts).
-    """
-    metadata = {"key": key, "read": read, "omit_if_none": omit_if_none}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _key(item: dataclasses.Field) -> str:
-    return item.metadata.get("key") or item.name
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, JsonRecord):
-        return value.to_json_dict()
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-class JsonRecord:
-    """Base of the summary's dataclasses: one JSON object, one key per field, in order."""
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The JSON object (plain Python values; NaN stays NaN, see :func:`to_jsonable`)."""
-        out = {}
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if value is None and item.metadata.get("omit_if_none"):
-                continue
-            out[_key(item)] = _to_json(value)
-        return out
-
-    @classmethod
-    def from_json_dict(cls, data: Mapping[str, Any] | None) -> Self:
-        """Read a JSON object: matching keys only.
-
-        A missing key, or ``null`` for a list or dict field, keeps the field's default.
-        """
-        data = data or {}
-        values = {}
-        for item in dataclasses.fields(cls):
-            value = data.get(_key(item))
-            if value is not None:
-                read = item.metadata.get("read")
-                values[item.name] = value if read is None else read(value)
-            elif _key(item) in data and item.default_factory is dataclasses.MISSING:
-                values[item.name] = None
-        return cls(**values)
-
-
-def _record(cls: type[JsonRecord]) -> Reader:
-    """Reader of one section: an empty or missing JSON object reads as ``None``."""
-    return lambda data: cls.from_json_dict(data) if data else None
-
-
-def _records(cls: type[JsonRecord]) -> Reader:
-    """Reader of a list of JSON objects."""
-    return lambda items: [cls.from_json_dict(item) for item in items]
-
-
-def _class_keyed(mapping: Mapping[Any, Any]) -> dict[int, Any]:
-    """``{class_id: value}`` with int keys (JSON turns them into strings)."""
-    return {int(key): value for key, value in mapping.items()}
-
-
-# ------------------------------------------------------------------ before/after, in/out
-@dataclass
-class BeforeAfter(JsonRecord, Generic[T]):
-    """One value before specialization and one after."""
-
-    before: T | None = None
-    after: T | None = None
-
-    @classmethod
-    def read(cls, data: Mapping[str, Any] | None, read_value: Reader) -> BeforeAfter | None:
-        """Read ``{"before": ..., "after": ...}`` with ``read_value`` (``None`` if empty)."""
-        if not data:
-            return None
-        return cls(*(_maybe(read_value, data.get(phase)) for phase in ("before", "after")))
-
-    def items(self) -> tuple[tuple[str, T | None], tuple[str, T | None]]:
-        """``(("before", before), ("after", after))``."""
-        return ("before", self.before), ("after", self.after)
-
-
-@dataclass
-class EvalSplits(JsonRecord, Generic[T]):
-    """One value per held-out set.
-
-    Attributes:
-        eval_in: On held-out samples of the stream's classes (JSON key ``in``).
-        eval_out: On the other classes (JSON key ``out``); ``None`` when the stream holds
-            every class.
-    """
-
-    eval_in: T | None = _field(key="in")
-    eval_out: T | None = _field(key="out")
-
-    @classmethod
-    def read(cls, data: Mapping[str, Any] | None, read_value: Reader) -> EvalSplits | None:
-        """Read ``{"in": ..., "out": ...}`` with ``read_value`` (``None`` if empty)."""
-        if not data:
-            return None
-        return cls(*(_maybe(read_value, data.get(split)) for split in ("in", "out")))
-
-    def at(self, split: Split) -> T | None:
-        """The value of one held-out set."""
-        return self.eval_in if split == "eval_in" else self.eval_out
-
-    def map(self, fn: Callable[[T], Any]) -> EvalSplits:
-        """``fn`` applied to each set's value (``None`` stays ``None``)."""
-        return EvalSplits(_maybe(fn, self.eval_in), _maybe(fn, self.eval_out))
-
-
-def _maybe(fn: Callable[[Any], Any], value: Any) -> Any:
-    return None if value is None else fn(value)
-
-
-def _as_is(value: Any) -> Any:
-    return value
-
-
-def _before_after(read_value: Reader) -> Reader:
-    return lambda data: BeforeAfter.read(data, read_value)
-
-
-def _eval_splits(read_value: Reader) -> Reader:
-    return lambda data: EvalSplits.read(data, read_value)
-
 
 # ------------------------------------------------------------------------------ sections
 @dataclass
@@ -233,19 +94,19 @@ class ModelSummary(JsonRecord):
 
     name: str | None = None  # backbone name
     num_exits: int | None = None
-    exit_flops: list[int] = _field(default_factory=list)
+    exit_flops: list[int] = json_field(default_factory=list)
     # the same with the served heads (anchored heads add a linear layer)
-    exit_flops_specialized: list[int] = _field(default_factory=list)
+    exit_flops_specialized: list[int] = json_field(default_factory=list)
     gating: bool | None = None  # whether the backbone has gates
     gate_mode: str | None = None  # parallel | sequential
     checkpoint: str | None = None
     flops_unit: str = FLOPS_CONVENTION  # what the FLOPs figures count
     # accuracy (%) of each exit, when known (runs do not record it; the report shows n/a)
-    exit_accuracy: list[float] | None = _field(omit_if_none=True)
+    exit_accuracy: list[float] | None = json_field(omit_if_none=True)
     # ``dataset/split`` names that taught the model, and whether the stream's split shares an
     # image with them (None: not known for this data set)
-    trained_on: list[str] | None = _field(omit_if_none=True)
-    stream_shares_training_images: bool | None = _field(omit_if_none=True)
+    trained_on: list[str] | None = json_field(omit_if_none=True)
+    stream_shares_training_images: bool | None = json_field(omit_if_none=True)
 
 
 @dataclass
@@ -276,7 +137,7 @@ class OperatingPoint(JsonRecord):
 
 @dataclass
 class IsoAccuracy(JsonRecord):
-    """Compute at equal accuracy on eval_in (``specialize.curves.iso_accuracy``)."""
+    """Compute at equal accuracy on eval_in (``specialize.evaluation.curves.iso_accuracy``)."""
 
     target_accuracy: float | None = None  # the before curve's peak minus evaluation.iso_drop
     flops_before: float | None = None  # mean FLOPs at the target before specializing
@@ -290,7 +151,7 @@ class IsoAccuracy(JsonRecord):
 class ClassRow(JsonRecord):
     """One class: held-out figures at the run's thresholds, and stream windows' FLOPs."""
 
-    class_id: int | None = _field(key="class")
+    class_id: int | None = json_field(key="class")
     name: str | None = None
     in_stream: bool = False  # whether the stream holds the class
     flops_before: float | None = None  # mean FLOPs on its held-out samples, before
@@ -312,15 +173,15 @@ class StreamRecord(JsonRecord):
     exit_histogram: list[int] | None = None  # samples answered at each exit
     samples_per_second: float | None = None  # throughput (wall clock)
     skipped: int | None = None  # inputs skipped as invalid
-    updates: int | None = _field(omit_if_none=True)  # head updates (specializing only)
+    updates: int | None = json_field(omit_if_none=True)  # head updates (specializing only)
 
 
 @dataclass
 class StreamSection(JsonRecord):
     """The stream replayed while specializing and, unless disabled, frozen."""
 
-    specializing: StreamRecord | None = _field(read=_record(StreamRecord))
-    frozen: StreamRecord | None = _field(read=_record(StreamRecord), omit_if_none=True)
+    specializing: StreamRecord | None = json_field(read=record(StreamRecord))
+    frozen: StreamRecord | None = json_field(read=record(StreamRecord), omit_if_none=True)
 
 
 @dataclass
@@ -329,13 +190,13 @@ class DriftWindow(JsonRecord):
 
     start: int | None = None  # first stream position of the window
     end: int | None = None  # stream position after it
-    mean_flops: dict[int, float] = _field(read=_class_keyed, default_factory=dict)  # by pred
-    counts: dict[int, int] = _field(read=_class_keyed, default_factory=dict)  # by pred
+    mean_flops: dict[int, float] = json_field(read=class_keyed, default_factory=dict)  # by pred
+    counts: dict[int, int] = json_field(read=class_keyed, default_factory=dict)  # by pred
     exit_histogram: list[int] | None = None  # samples per exit
     mean_flops_all: float | None = None  # over all samples of the window
     # by true class, in windows with labelled samples only
-    mean_flops_true: dict[int, float] | None = _field(read=_class_keyed, omit_if_none=True)
-    counts_true: dict[int, int] | None = _field(read=_class_keyed, omit_if_none=True)
+    mean_flops_true: dict[int, float] | None = json_field(read=class_keyed, omit_if_none=True)
+    counts_true: dict[int, int] | None = json_field(read=class_keyed, omit_if_none=True)
 
 
 @dataclass
@@ -343,10 +204,10 @@ class DriftSummary(JsonRecord):
     """Per-class compute over the specializing stream, and the drift alarms."""
 
     window: int | None = None  # samples per tracker window
-    history: list[DriftWindow] = _field(read=_records(DriftWindow), default_factory=list)
-    alarms: list[int] = _field(default_factory=list)  # stream positions where it fired
+    history: list[DriftWindow] = json_field(read=records(DriftWindow), default_factory=list)
+    alarms: list[int] = json_field(default_factory=list)  # stream positions where it fired
     # alarms fired in all; only when more fired than ``alarms`` keeps (drift.max_alarms)
-    alarm_count: int | None = _field(omit_if_none=True)
+    alarm_count: int | None = json_field(omit_if_none=True)
 
 
 @dataclass
@@ -381,12 +242,12 @@ class UpdaterStats(JsonRecord):
 
 @dataclass
 class BudgetReplay(JsonRecord):
-    """One replay under the budget controller and audits (``specialize.controller``)."""
+    """One replay under the budget controller and audits (:mod:`specialize.operating_point`)."""
 
     mean_flops: float | None = None  # per sample on the stream, audits included
-    thresholds: list[float | None] = _field(default_factory=list)  # at the end (None: off)
+    thresholds: list[float | None] = json_field(default_factory=list)  # at the end (None: off)
     retunes: int | None = None  # threshold choices made
-    history: list[dict[str, Any]] = _field(default_factory=list)  # the last choices
+    history: list[dict[str, Any]] = json_field(default_factory=list)  # the last choices
     estimated_drop: float | None = None  # the last choice's estimate (validation, points)
     estimated_bound: float | None = None  # ... plus z standard errors
     audits: int | None = None  # samples audited
@@ -413,12 +274,12 @@ class BudgetSection(JsonRecord):
     temperature: float | None = None  # final exit's, fitted on validation data (1: none)
     validation_samples: int | None = None  # the controller's labelled validation set
     final_exit_stream_accuracy: float | None = None  # evaluation side (%)
-    specializing: BudgetReplay | None = _field(read=_record(BudgetReplay))
-    frozen: BudgetReplay | None = _field(read=_record(BudgetReplay), omit_if_none=True)
+    specializing: BudgetReplay | None = json_field(read=record(BudgetReplay))
+    frozen: BudgetReplay | None = json_field(read=record(BudgetReplay), omit_if_none=True)
     flops_ratio: float | None = None  # specializing / frozen stream FLOPs
     # labels, offline, frozen heads: the cheapest shared threshold whose true stream drop is
     # within the budget (and within the frozen controller's true drop)
-    hindsight: dict[str, Any] | None = _field(omit_if_none=True)
+    hindsight: dict[str, Any] | None = json_field(omit_if_none=True)
 
 
 @dataclass
@@ -458,27 +319,27 @@ class RunSummary(JsonRecord):
         budget: The budget controller and audits (``None``: neither was on).
     """
 
-    scenario: ScenarioSummary | None = _field(read=_record(ScenarioSummary))
-    model: ModelSummary | None = _field(read=_record(ModelSummary))
-    class_names: list[str] = _field(default_factory=list)
-    thresholds: list[float | None] = _field(default_factory=list)
+    scenario: ScenarioSummary | None = json_field(read=record(ScenarioSummary))
+    model: ModelSummary | None = json_field(read=record(ModelSummary))
+    class_names: list[str] = json_field(default_factory=list)
+    thresholds: list[float | None] = json_field(default_factory=list)
     measure: str | None = None
-    curves: BeforeAfter[EvalSplits[Curve]] | None = _field(
-        read=_before_after(_eval_splits(_curve)))
-    operating_points: BeforeAfter[EvalSplits[OperatingPoint]] | None = _field(
-        read=_before_after(_eval_splits(_record(OperatingPoint))))
-    oracle: EvalSplits[Curve] | None = _field(read=_eval_splits(_curve))
-    iso_accuracy: IsoAccuracy | None = _field(read=_record(IsoAccuracy))
+    curves: BeforeAfter[EvalSplits[Curve]] | None = json_field(
+        read=before_after(eval_splits(_curve)))
+    operating_points: BeforeAfter[EvalSplits[OperatingPoint]] | None = json_field(
+        read=before_after(eval_splits(record(OperatingPoint))))
+    oracle: EvalSplits[Curve] | None = json_field(read=eval_splits(_curve))
+    iso_accuracy: IsoAccuracy | None = json_field(read=record(IsoAccuracy))
     eval_out_accuracy_change: float | None = None
-    eval_in_peak_accuracy: BeforeAfter[float] | None = _field(read=_before_after(_as_is))
-    per_class: list[ClassRow] = _field(read=_records(ClassRow), default_factory=list)
-    stream: StreamSection | None = _field(read=_record(StreamSection))
-    drift: DriftSummary | None = _field(read=_record(DriftSummary))
-    updater: UpdaterStats | None = _field(read=_record(UpdaterStats))
-    timings: dict[str, float] = _field(default_factory=dict)
-    versions: Versions | None = _field(read=_record(Versions))
+    eval_in_peak_accuracy: BeforeAfter[float] | None = json_field(read=before_after(as_is))
+    per_class: list[ClassRow] = json_field(read=records(ClassRow), default_factory=list)
+    stream: StreamSection | None = json_field(read=record(StreamSection))
+    drift: DriftSummary | None = json_field(read=record(DriftSummary))
+    updater: UpdaterStats | None = json_field(read=record(UpdaterStats))
+    timings: dict[str, float] = json_field(default_factory=dict)
+    versions: Versions | None = json_field(read=record(Versions))
     # only with policy.budget or engine.audit_rate > 0
-    budget: BudgetSection | None = _field(read=_record(BudgetSection), omit_if_none=True)
+    budget: BudgetSection | None = json_field(read=record(BudgetSection), omit_if_none=True)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``summary.json`` object (``iso_accuracy`` not computed is ``{}``)."""
@@ -499,45 +360,3 @@ def as_run_summary(summary: RunSummary | Mapping[str, Any]) -> RunSummary:
     if isinstance(summary, Mapping):
         return RunSummary.from_json_dict(to_jsonable(summary))
     raise TypeError(f"summary must be a RunSummary or a mapping, got {type(summary).__name__}")
-
-
-# ------------------------------------------------------------------------------------ JSON
-def to_jsonable(value: Any, where: str = "summary") -> Any:
-    """Plain JSON data from a summary: NaN/inf -> ``None``, numpy/torch -> Python, Path -> str.
-
-    Args:
-        value: Nested mappings, sequences, numbers, strings, numpy or torch values,
-            summary records (their :meth:`JsonRecord.to_json_dict`), dataclasses or paths.
-        where: Name used in error messages (the path to the value).
-
-    Returns:
-        A structure ``json.dumps(..., allow_nan=False)`` accepts.
-
-    Raises:
-        TypeError: A value has no JSON representation.
-    """
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {_json_key(k, where): to_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "tolist"):
-        return to_jsonable(value.tolist(), where)
-    if isinstance(value, JsonRecord):
-        return to_jsonable(value.to_json_dict(), where)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value), where)
-    raise TypeError(f"{where}: {type(value).__name__} cannot be written to JSON")
-
-
-def _json_key(key: Any, where: str) -> str | int | float | bool | None:
-    if key is None or isinstance(key, (str, int, float, bool)):
-        return key
-    if isinstance(key, np.generic):
-        return key.item()
-    raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} cannot be a JSON key")

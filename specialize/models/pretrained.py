@@ -4,7 +4,8 @@ The glue between data (``streams``) and the fitting itself (``backbones.head_fit
 fit and validation splits, build the timm exits model, load its pretrained backbone and
 classifier (``backbones.pretrained``; nothing is downloaded), cache every head's input in one
 backbone pass, fit the heads, and write a checkpoint whose metrics say what each exit
-reaches. ``specialize.zoo.default_checkpoint`` calls it once per config and caches the result.
+reaches. ``specialize.models.zoo.default_checkpoint`` calls it once per config and caches
+the result.
 
 Example: ``specialize train configs/backbones/tiny_imagenet_lite0.yaml`` (about 10 minutes on
 2 CPU cores), or any ``specialize run`` on a Tiny-ImageNet scenario, which prepares it on
@@ -30,6 +31,7 @@ from backbones.head_fit import (
     imagenet_rows,
     load_pretrained_backbone,
 )
+from specialize.models.runtime import input_transform, threads
 from streams.datasets import ArrayDataset, load_dataset
 
 
@@ -79,8 +81,6 @@ def prepare_pretrained_exits(config: FrozenBackboneConfig, out: str | Path, *,
     Returns:
         ``out``.
     """
-    from specialize.zoo import input_transform, threads
-
     start = time.perf_counter()
     with threads(config.num_threads):
         fit_data = load_split(config, config.fit_split)

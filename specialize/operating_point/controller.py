@@ -5,12 +5,12 @@ The controller is a step hook of the serving thread. It holds every exit's answe
 checkpoint's labelled validation set (one backbone pass at the start of the run; labels are
 fine there, that is training time) and, from the served predictions alone, the stream's class
 mix (:class:`~specialize.updater.prior.ClassPrior`). To choose, it recomputes the validation
-answers for the heads served now (:func:`~specialize.evaluation.rerun_heads`: heads only, no
+answers for the heads served now (:func:`~specialize.evaluation.passes.rerun_heads`: heads only, no
 backbone), draws validation rows with the stream's class mix
-(:func:`~specialize.operating_point.stream_mix_rows`) and takes the cheapest thresholds (one
+(:func:`~specialize.operating_point.search.stream_mix_rows`) and takes the cheapest thresholds (one
 per early exit by default, ``policy.budget_thresholds``) whose drop's upper confidence bound
-stays within the budget (:func:`~specialize.operating_point.choose_thresholds`, the search
-``calibrate_thresholds`` runs). :mod:`specialize.operating_point` says why this estimator
+stays within the budget (:func:`~specialize.operating_point.search.choose_thresholds`, the search
+``calibrate_thresholds`` runs). :mod:`specialize.operating_point.search` says why this estimator
 and not the audits.
 
 When it re-chooses (``trigger`` in the history):
@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from specialize.evaluation import ExitPass, rerun_heads
-from specialize.operating_point import (
+from specialize.evaluation.passes import ExitPass, rerun_heads
+from specialize.operating_point.search import (
     BudgetChoice,
     choose_thresholds,
     normal_quantile,
@@ -60,7 +60,7 @@ class BudgetController:
 
     Args:
         evidence: Every exit's answers on the validation set with ``head_inputs`` kept
-            (:func:`specialize.evaluation.exit_pass` with ``keep_head_inputs=True``).
+            (:func:`specialize.evaluation.passes.exit_pass` with ``keep_head_inputs=True``).
         budget: Allowed accuracy drop against the final exit, in points.
         confidence: One-sided confidence of the bound (``0.95``: 1.645 standard errors).
         retune_every: Samples between regular re-choices (and the class prior's window).

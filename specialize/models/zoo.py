@@ -23,17 +23,17 @@ import torch.distributed as dist
 
 from backbones import create_backbone
 from backbones.checkpoint import CheckpointError, read_checkpoint
-from backbones.contract import MultiExitModel
 from backbones.head_fit import FrozenBackboneConfig
 from backbones.multi_exit import MultiExitNet
 from backbones.train import TrainConfig, TrainResult, config_fingerprint, train
 from configkit import ConfigError, apply_overrides, check_choice, from_dict, load_yaml
+from specialize.models.pretrained import load_split, prepare_pretrained_exits
+from specialize.models.runtime import input_transform
 from streams.datasets import ArrayDataset, load_dataset
-from streams.transforms import InputTransform
 
 CACHE_ENV = "SPECIALIZE_CACHE"
 DEFAULT_CONFIG = (
-    Path(__file__).resolve().parents[1] / "configs" / "backbones" / "fashion_mnist_tiny.yaml"
+    Path(__file__).resolve().parents[2] / "configs" / "backbones" / "fashion_mnist_tiny.yaml"
 )
 
 CheckpointStatus = Literal["complete", "partial", "missing", "corrupt", "other"]
@@ -80,18 +80,6 @@ def default_model_config(dataset: str) -> Path:
     to its channels and size (``streams.transforms.InputTransform``).
     """
     return DEFAULT_MODEL_CONFIGS.get(dataset, DEFAULT_CONFIG)
-
-
-@contextlib.contextmanager
-def threads(count: int | None) -> Iterator[None]:
-    """Use ``count`` torch CPU threads inside the block (``None``: leave as it is)."""
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def cache_path(config: ModelRecipe, name: str = "backbone") -> Path:
@@ -157,7 +145,6 @@ def validation_data(train_config: dict[str, Any]) -> ArrayDataset:
     """
     config = load_train_config_dict(train_config)
     if isinstance(config, FrozenBackboneConfig):
-        from specialize.pretrained_exits import load_split
 
         return load_split(config, config.val_split)
     if not config.val_size:
@@ -208,29 +195,6 @@ def build_model(config: TrainConfig, data: Any) -> MultiExitNet:
     torch.manual_seed(config.seed)
     return create_backbone(config.arch, gating=config.gating, gate_mode=config.gate_mode,
                            **kwargs)
-
-
-def model_input_options(model: MultiExitModel) -> dict[str, Any]:
-    """How a model wants its inputs: channels, size and (pretrained) normalisation.
-
-    Returns:
-        Keyword arguments of ``streams.replay.build_stream`` (``in_chans``, ``input_size``,
-        ``mean``, ``std``, ``interpolation``); ``mean``/``std`` are ``None`` when the model
-        uses its data set's statistics.
-    """
-    preprocessing = model.preprocessing or {}
-    return {"in_chans": model.input_size[0], "input_size": tuple(model.input_size[1:]),
-            "mean": preprocessing.get("mean"), "std": preprocessing.get("std"),
-            "interpolation": preprocessing.get("interpolation", "bilinear")}
-
-
-def input_transform(model: MultiExitModel, data: ArrayDataset) -> InputTransform:
-    """The transform that turns ``data``'s uint8 images into ``model``'s inputs."""
-    options = model_input_options(model)
-    return InputTransform(data.mean if options["mean"] is None else options["mean"],
-                          data.std if options["std"] is None else options["std"],
-                          in_chans=options["in_chans"], size=options["input_size"],
-                          interpolation=options["interpolation"])
 
 
 def train_from_config(
@@ -327,7 +291,6 @@ def prepare_model(config: ModelRecipe, out: str | Path, *, resume: str | Path | 
                   progress: bool = True) -> None:
     """Train (``joint``) or fit (``frozen_backbone``) the model a config describes into ``out``."""
     if isinstance(config, FrozenBackboneConfig):
-        from specialize.pretrained_exits import prepare_pretrained_exits
 
         prepare_pretrained_exits(config, out, progress=progress)
         return
