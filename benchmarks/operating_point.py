@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     if args.dataset == "tiny_imagenet":
-        if not os.environ.get("SPECIALIZE_TINY_IMAGENET"):
-            parser.error("--dataset tiny_imagenet needs $SPECIALIZE_TINY_IMAGENET")
+        if not args.load and not os.environ.get("SPECIALIZE_TINY_IMAGENET"):
+            parser.error("--dataset tiny_imagenet needs $SPECIALIZE_TINY_IMAGENET (or --load)")
         default = ",".join((*TINY_SUBSETS, *MIXED_SCENARIOS))
     else:
         default = ",".join(FMNIST_SCENARIOS)
@@ -139,7 +139,21 @@ def run_one(job: tuple[str, str, int, str, str]) -> dict[str, Any]:
     summary, _ = run_experiment(load_run_config(path, overrides))
     data = summary.to_json_dict()
     return {"scenario": scenario, "seed": seed, "variant": variant,
-            "stream": data["stream"], "budget": data.get("budget")}
+            "stream": data["stream"], "budget": data.get("budget"),
+            "held_out": held_out_figures(data)}
+
+
+def held_out_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's held-out figures: iso-accuracy on eval_in, eval_out before and after."""
+    points = summary.get("operating_points") or {}
+
+    def out_at(phase: str) -> dict[str, Any]:
+        return (points.get(phase) or {}).get("out") or {}
+
+    return {"iso_flops_ratio": (summary.get("iso_accuracy") or {}).get("flops_ratio"),
+            "eval_out_accuracy_change": summary.get("eval_out_accuracy_change"),
+            "eval_out_mflops_before": _m(out_at("before").get("flops")),
+            "eval_out_mflops_after": _m(out_at("after").get("flops"))}
 
 
 def collect(results: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -158,6 +172,8 @@ def collect(results: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, An
                 row[f"{replay}_{level}"] = entry
         if level == "0.5" and budget.get("hindsight"):
             row["hindsight"] = budget["hindsight"]
+        if level == "0.5" and result.get("held_out"):
+            row["held_out"] = result["held_out"]
     return table
 
 
@@ -169,7 +185,7 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     """One (scenario, seed): the benchmark's columns."""
     frozen, special = row.get("frozen_0.5"), row.get("specializing_0.5")
     hindsight = row.get("hindsight", {})
-    out = {"fixed_mflops": _m(row.get("fixed_frozen"))}
+    out = {"fixed_mflops": _m(row.get("fixed_frozen")), **row.get("held_out", {})}
     for key, entry in row.items():
         if key.startswith(("frozen_", "specializing_")):
             out[key] = {"mflops": _m(entry["mean_flops"]),
@@ -280,16 +296,18 @@ def _cell(values: list[float | None], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
+def format_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> str:
+    """The records as one markdown table: every run, then the ratios, per scenario."""
+    lines = []
     columns = ["scenario", "run", "stream MFLOPs", "audit share %", "true drop stream",
                "true drop eval_in", "est. drop", "bound", "disagreement %", "belief (pt)"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     scenarios = list(dict.fromkeys(s for s, _ in per_seed))
     for scenario in scenarios:
         rows = [r for (s, _), r in per_seed.items() if s == scenario]
-        print(f"| {scenario} | fixed 0.9 frozen | {_cell([r['fixed_mflops'] for r in rows])} "
-              "| | | | | | | |")
+        fixed = _cell([r["fixed_mflops"] for r in rows])
+        lines.append(f"| {scenario} | fixed 0.9 frozen | {fixed} | | | | | | | |")
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)
                        and k.startswith(("frozen_", "specializing_"))})
         for key in keys:
@@ -299,7 +317,7 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
                 "estimated_drop", "bound", "disagreement", "belief")]
             cells[1] = _cell([None if e["audit_share"] is None else 100 * e["audit_share"]
                               for e in entries])
-            print(f"| | {key.replace('_', ' @')} | " + " | ".join(cells) + " |")
+            lines.append(f"| | {key.replace('_', ' @')} | " + " | ".join(cells) + " |")
         for label, key in (("hindsight @0.5 (labels)", "hindsight_mflops"),
                            ("hindsight @0.5 per exit", "hindsight_per_exit_mflops"),
                            ("specialized hindsight @0.5", "hindsight_specialized_mflops"),
@@ -310,14 +328,26 @@ def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
                            ("specialized hindsight on eval_in @0.5 per exit",
                             "hindsight_specialized_eval_in_per_exit_mflops")):
             if any(r.get(key) for r in rows):
-                print(f"| | {label} | {_cell([r.get(key) for r in rows])} | | | | | | | |")
+                lines.append(f"| | {label} | {_cell([r.get(key) for r in rows])} | | | | | | | |")
         for label, key in (("frozen@0.5 / fixed", "frozen_vs_fixed"),
                            ("specializing / frozen @0.5", "special_vs_frozen"),
                            ("specializing @0.5 / fixed", "special_vs_fixed"),
                            ("controller / hindsight (same drop)", "controller_vs_hindsight"),
                            ("specializing / specialized hindsight",
                             "special_vs_specialized_hindsight")):
-            print(f"| | {label} | {_cell([r.get(key) for r in rows], 3)} | | | | | | | |")
+            lines.append(f"| | {label} | {_cell([r.get(key) for r in rows], 3)} | | | | | | | |")
+    return "\n".join(lines)
+
+
+def print_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """Print :func:`format_table`."""
+    print(format_table(per_seed))
+
+
+def format_goals(per_seed: dict[tuple[str, int], dict[str, Any]], dataset: str) -> str:
+    """One ``[pass]`` / ``[FAIL]`` line per goal of ``dataset``."""
+    return "\n".join(f"[{'pass' if passed else 'FAIL'}] {text}"
+                     for text, passed in goals(per_seed, dataset))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,10 +393,9 @@ def report(per_seed: dict[tuple[str, int], dict[str, Any]], args: argparse.Names
         records = [{"scenario": s, "seed": seed, **row} for (s, seed), row in per_seed.items()]
         print(json.dumps(records, indent=2))
         return 0
-    print_table(per_seed)
+    print(format_table(per_seed))
     print()
-    for text, passed in goals(per_seed, args.dataset):
-        print(f"[{'pass' if passed else 'FAIL'}] {text}")
+    print(format_goals(per_seed, args.dataset))
     return 0
 
 

@@ -110,3 +110,15 @@ def test_saved_records_of_two_commands_merge_by_scenario_and_seed(bench, tmp_pat
     row = merged[("tops", 0)]
     assert row["fixed_mflops"] == 30.0 and row["special_vs_frozen"] == pytest.approx(0.9)
     assert row["specializing_0.25"]["mflops"] == 21.0
+
+
+def test_held_out_figures_of_the_budget_run_reach_the_record(bench):
+    summary = {"iso_accuracy": {"flops_ratio": 0.8}, "eval_out_accuracy_change": -0.25,
+               "operating_points": {"before": {"out": {"flops": 17e6}},
+                                    "after": {"out": {"flops": 22e6}}}}
+    runs = results(22.0, 19.8, 0.4)
+    runs[1]["held_out"] = bench.held_out_figures(summary)
+    row = bench.figures(bench.collect(runs)[("tops", 0)])
+    assert (row["iso_flops_ratio"], row["eval_out_accuracy_change"]) == (0.8, -0.25)
+    assert (row["eval_out_mflops_before"], row["eval_out_mflops_after"]) == (17.0, 22.0)
+    assert bench.held_out_figures({})["iso_flops_ratio"] is None  # a run without curves
