@@ -62,6 +62,8 @@ VARIANTS = {
     "budget0.5": ["policy.budget=0.5"],
     "budget0.25": ["policy.budget=0.25", "evaluation.frozen_replay=false"],
     "budget1.0": ["policy.budget=1.0", "evaluation.frozen_replay=false"],
+    # the same budget with one threshold for every early exit (the setting before per-exit)
+    "budget0.5-shared": ["policy.budget=0.5", "policy.budget_thresholds=shared"],
 }
 SLACK = 0.25  # points a true drop may exceed its budget
 
@@ -215,6 +217,12 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     out["controller_vs_hindsight"] = _ratio(frozen_mflops, out["hindsight_same_drop_mflops"])
     out["special_vs_specialized_hindsight"] = _ratio(special_mflops,
                                                      out["hindsight_specialized_mflops"])
+    shared = {replay: _m((row.get(f"{replay}_0.5-shared") or {}).get("mean_flops"))
+              for replay in ("frozen", "specializing")}
+    if shared["frozen"] is not None:
+        out["shared_frozen_vs_fixed"] = _ratio(shared["frozen"], out["fixed_mflops"])
+        out["shared_special_vs_frozen"] = _ratio(shared["specializing"], shared["frozen"])
+        out["per_exit_vs_shared_frozen"] = _ratio(frozen_mflops, shared["frozen"])
     return out
 
 
@@ -229,7 +237,7 @@ def goals(per_seed: dict[tuple[str, int], dict[str, Any]],
     for row in per_seed.values():
         for key, entry in row.items():
             if isinstance(entry, dict) and "true_drop_stream" in entry:
-                budget = float(key.rsplit("_", 1)[1])
+                budget = float(key.rsplit("_", 1)[1].removesuffix("-shared"))
                 for where in ("true_drop_stream", "true_drop_eval_in"):
                     if entry[where] is not None:
                         drops.append(entry[where] <= budget + SLACK)
@@ -334,7 +342,12 @@ def format_table(per_seed: dict[tuple[str, int], dict[str, Any]]) -> str:
                            ("specializing @0.5 / fixed", "special_vs_fixed"),
                            ("controller / hindsight (same drop)", "controller_vs_hindsight"),
                            ("specializing / specialized hindsight",
-                            "special_vs_specialized_hindsight")):
+                            "special_vs_specialized_hindsight"),
+                           ("shared: frozen@0.5 / fixed", "shared_frozen_vs_fixed"),
+                           ("shared: specializing / frozen @0.5", "shared_special_vs_frozen"),
+                           ("frozen@0.5: per exit / shared", "per_exit_vs_shared_frozen")):
+            if key.startswith(("shared", "per_exit")) and not any(r.get(key) for r in rows):
+                continue
             lines.append(f"| | {label} | {_cell([r.get(key) for r in rows], 3)} | | | | | | | |")
     return "\n".join(lines)
 

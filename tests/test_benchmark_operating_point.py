@@ -122,3 +122,17 @@ def test_held_out_figures_of_the_budget_run_reach_the_record(bench):
     assert (row["iso_flops_ratio"], row["eval_out_accuracy_change"]) == (0.8, -0.25)
     assert (row["eval_out_mflops_before"], row["eval_out_mflops_after"]) == (17.0, 22.0)
     assert bench.held_out_figures({})["iso_flops_ratio"] is None  # a run without curves
+
+
+def test_the_shared_threshold_variant_sits_beside_the_per_exit_one(bench):
+    runs = results(22.0, 19.8, 0.4)
+    shared = {"frozen": entry(20.0, 0.3), "specializing": entry(19.0, 0.6)}
+    runs.append({"scenario": "tops", "seed": 0, "variant": "budget0.5-shared",
+                 "budget": shared, "stream": {}})
+    per_seed = {k: bench.figures(r) for k, r in bench.collect(runs).items()}
+    row = per_seed[("tops", 0)]
+    assert row["shared_special_vs_frozen"] == pytest.approx(19 / 20)
+    assert row["per_exit_vs_shared_frozen"] == pytest.approx(22 / 20)
+    assert "frozen @0.5-shared" in bench.format_table(per_seed)
+    drops = [text for text, _ in bench.goals(per_seed) if text.startswith("true drop")]
+    assert "(10/10)" in drops[0]  # the shared runs' drops count against the same budget
