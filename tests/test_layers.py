@@ -211,3 +211,16 @@ def test_no_module_is_over_500_lines():
     long = {name: count for name, path in module_names(ROOT, PACKAGES).items()
             if (count := len(path.read_text().splitlines())) > 500}
     assert long == {}
+
+
+def test_the_architecture_map_names_every_module_and_package():
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    unnamed = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name != "__init__.py" and f"`{path.name}`" not in text:
+                unnamed.append(str(path.relative_to(ROOT)))
+        for folder in sorted(p for p in (ROOT / package).rglob("*") if p.is_dir()):
+            if folder.name != "__pycache__" and f"{folder.name}/" not in text:
+                unnamed.append(f"{folder.relative_to(ROOT)}/")
+    assert unnamed == [], "add them to ARCHITECTURE.md's map"
