@@ -217,13 +217,19 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     out["controller_vs_hindsight"] = _ratio(frozen_mflops, out["hindsight_same_drop_mflops"])
     out["special_vs_specialized_hindsight"] = _ratio(special_mflops,
                                                      out["hindsight_specialized_mflops"])
-    shared = {replay: _m((row.get(f"{replay}_0.5-shared") or {}).get("mean_flops"))
+    return out | shared_ratios(out)
+
+
+def shared_ratios(figures: dict[str, Any]) -> dict[str, float | None]:
+    """The shared-threshold variant against fixed and per-exit (records may come apart)."""
+    shared = {replay: (figures.get(f"{replay}_0.5-shared") or {}).get("mflops")
               for replay in ("frozen", "specializing")}
-    if shared["frozen"] is not None:
-        out["shared_frozen_vs_fixed"] = _ratio(shared["frozen"], out["fixed_mflops"])
-        out["shared_special_vs_frozen"] = _ratio(shared["specializing"], shared["frozen"])
-        out["per_exit_vs_shared_frozen"] = _ratio(frozen_mflops, shared["frozen"])
-    return out
+    if shared["frozen"] is None:
+        return {}
+    return {"shared_frozen_vs_fixed": _ratio(shared["frozen"], figures.get("fixed_mflops")),
+            "shared_special_vs_frozen": _ratio(shared["specializing"], shared["frozen"]),
+            "per_exit_vs_shared_frozen": _ratio((figures.get("frozen_0.5") or {}).get("mflops"),
+                                                shared["frozen"])}
 
 
 def _m(flops: float | None) -> float | None:
@@ -397,6 +403,8 @@ def load_records(paths: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
             key = (record.pop("scenario"), record.pop("seed"))
             row = per_seed.setdefault(key, {})
             row.update({k: v for k, v in record.items() if v is not None or k not in row})
+    for row in per_seed.values():  # ratios across files
+        row.update(shared_ratios(row))
     return dict(sorted(per_seed.items()))
 
 

@@ -305,8 +305,8 @@ l1_weight: 1.0
 
 
 def test_cli_train_and_default_checkpoint_cache(tmp_path, monkeypatch, capsys):
-    from specialize.models import zoo
     from specialize.cli import main
+    from specialize.models import zoo
 
     monkeypatch.setenv("SPECIALIZE_CACHE", str(tmp_path / "cache"))
     cfg_path = tmp_path / "synthetic_tiny.yaml"
