@@ -78,14 +78,15 @@ class HeadUpdater:
             anchor_heads(model, self.config.anchor_weight)  # wraps the same head modules
         early = {id(p) for p in self._serving_heads.parameters()}
         self._frozen = [p for p in model.parameters() if id(p) not in early]
+        self._lock = threading.RLock()  # serving() vs publishing, restores and _last_good
         self._base = snapshot_heads(self._serving_heads)
-        self._last_good = self._base
+        with self._lock:  # _last_good: the worker's non-finite restore reads it too
+            self._last_good = self._base
         train_heads = (self._serving_heads if self.config.mode == "sync"
                        else copy.deepcopy(self._serving_heads))
         self._trainer = HeadTrainer(train_heads, splits, self._buffers, self.config)
         self._serving_tensors = head_tensors(self._serving_heads)
         self._train_tensors = head_tensors(train_heads)
-        self._lock = threading.RLock()  # serving() vs publishing and restores
         self._train_lock = threading.Lock()  # held by whoever touches the trainer
         self._epoch = 0  # bumped by every restore; stale shadow weights are never published
         self._version = 0  # bumped whenever the served heads change (heads_version)
@@ -227,7 +228,8 @@ class HeadUpdater:
                     self._version += 1
                 if not finite:  # a step overflowed: back to the last good heads
                     self._trainer.counters["nonfinite_params"] += 1
-                    self._trainer.restore(self._last_good)
+                    with self._lock:  # not while a rollback replaces the last good heads
+                        self._trainer.restore(self._last_good)
                     return
             if rounds and not sync:
                 self._publish(epoch)
@@ -281,9 +283,10 @@ class HeadUpdater:
         """
         self.flush()
         with self._train_lock:
-            self._restore(self._base)
+            with self._lock:
+                self._restore(self._base)
+                self._last_good = self._base
             self._sync_epoch()
-        self._last_good = self._base
         self._health.reset()
         if self._preparer.prior is not None:
             self._preparer.prior.reset()
@@ -352,9 +355,10 @@ class HeadUpdater:
         self._counters["degraded_windows"] += 1
         if verdict is Verdict.DEGRADED:
             return False
-        if verdict is Verdict.ROLL_BACK_TO_BASE:
-            self._last_good = self._base
-        self._restore(self._last_good)
+        with self._lock:  # the worker's non-finite restore reads _last_good
+            if verdict is Verdict.ROLL_BACK_TO_BASE:
+                self._last_good = self._base
+            self._restore(self._last_good)
         if self.config.mode == "sync":
             with self._train_lock:
                 self._sync_epoch()
@@ -410,7 +414,7 @@ class HeadUpdater:
         model's own checkpoint alongside.
         """
         self.flush()
-        with self._train_lock:
+        with self._train_lock, self._lock:
             self._sync_epoch()
             return {
                 "version": _STATE_VERSION,
@@ -448,8 +452,8 @@ class HeadUpdater:
                 load_heads(self._serving_heads, state["serving_heads"])
                 self._pending = None
                 self._trainer_epoch = self._epoch
-            self._base = state["base_heads"]
-            self._last_good = state["last_good_heads"]
+                self._base = state["base_heads"]
+                self._last_good = state["last_good_heads"]
             self._counters.update({k: int(v) for k, v in state["counters"].items()})
             self._health.load_state_dict(state["audit"])
             self._rollback_events = [dict(e) for e in state.get("rollback_events", [])]
