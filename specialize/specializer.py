@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from backbones import MultiExitModel
 from backbones.checkpoint import atomic_torch_save
+from configkit import check_threads
 from specialize.drift import ClassCostTracker, DriftDetector
 from specialize.engine import Engine, EngineResult, StepHook, StepOutput, reference_step
+from specialize.models.runtime import threads
 from specialize.operating_point.audits import AuditLog, AuditSampler
 from specialize.policy import ExitPolicy
 from specialize.updater import HeadUpdater
@@ -101,6 +103,8 @@ class Specializer:
             estimate.
         controller: A :class:`~specialize.operating_point.controller.BudgetController` that sets the
             thresholds (``None``: the policy's fixed thresholds).
+        num_threads: Torch CPU threads while :meth:`run` serves (restored afterwards;
+            ``engine.num_threads`` of a run config); ``None``: leave torch's setting.
     """
 
     def __init__(
@@ -109,8 +113,10 @@ class Specializer:
         reset_on_alarm: bool = False, step_fn=reference_step, on_bad_input: str = "error",
         hooks: Iterable[StepHook] = (), max_alarms: int = 1000, audit_rate: float = 0.0,
         audit_seed: int = 0, audit_temperature: float = 1.0, controller: Any = None,
+        num_threads: int | None = None,
     ) -> None:
         self.model = model
+        self.num_threads = check_threads("num_threads", num_threads)
         self.policy = policy
         self.updater = updater
         self.tracker = tracker or ClassCostTracker(model.num_classes, model.num_exits, 250)
@@ -173,8 +179,9 @@ class Specializer:
         if result is None:
             result = EngineResult(self.model.num_exits, keep_records=keep_records)
         label = desc or f"{getattr(stream, 'name', 'stream')}"
-        with tqdm(total=max(stop - self.position, 0), desc=label, unit="sample",
-                  disable=not progress, mininterval=0.5) as bar:
+        bar_options = {"total": max(stop - self.position, 0), "desc": label, "unit": "sample",
+                       "disable": not progress, "mininterval": 0.5}
+        with threads(self.num_threads), tqdm(**bar_options) as bar:
             while self.position < stop:
                 end = stop if not save_every else min(
                     (self.position // save_every + 1) * save_every, stop)

@@ -17,9 +17,12 @@ from specialize.models.zoo import input_transform
 from specialize.operating_point.controller import BudgetController
 from specialize.policy import ExitPolicy
 from specialize.report import format_headline
+from specialize.report.markdown import render_markdown
 from specialize.run.summarize import OnlineScore
 from specialize.specializer import Specializer
 from specialize.updater import HeadUpdater, UpdaterConfig
+from specialize.updater.faults import bad_heads
+from specialize.updater.heads import load_heads, snapshot_heads
 from streams.datasets.synthetic import make_synthetic
 from tests.conftest import randomize_batchnorm, randomize_gates, tiny_model
 from tests.runs import DATASET_OPTIONS, RUN_OVERRIDES, synthetic_scenario, trained_tiny_checkpoint
@@ -151,6 +154,55 @@ def test_rollback_fires_through_audits_and_restores_the_last_good_heads(trained)
         assert updater.rollback_count == 1 and specializer.audit_log.rollbacks == 1
         for name, value in model.heads[0].state_dict().items():
             assert torch.equal(value, good[name]), name
+
+
+def _rows_the_bad_head_gets_wrong(model, inputs, policy, count: int) -> torch.Tensor:
+    """``count`` inputs answered early as the final exit answers them; by the bad heads, not."""
+    bad_model = copy.deepcopy(model)
+    load_heads(bad_model.heads[:-1], bad_heads(snapshot_heads(bad_model.heads[:-1])))
+    with torch.no_grad():
+        served = reference_step(model, inputs, policy)
+        bad = reference_step(bad_model, inputs, policy)
+        final = model.forward_exits(inputs).logits[-1].argmax(1)
+    last = model.num_exits - 1
+    usable = ((served.exit_index < last) & (served.pred == final) & (bad.exit_index < last)
+              & (bad.pred != final))
+    rows = inputs[usable.nonzero().view(-1)[:count]]
+    assert len(rows) == count, "the tiny model should answer early on most test samples"
+    return rows
+
+
+def test_an_injected_bad_head_rolls_back_at_the_default_windows(trained):
+    """At the default audit_baseline/window/margin, a few dozen audits catch a bad head.
+
+    The baseline and the first window audit the same answers (all agree with the final exit);
+    after them the bad heads are injected and disagree on every answer they give, so the next
+    window must roll back to the heads of the healthy window. The old defaults (256 audited
+    answers each) never closed a window in a 3,000-sample stream at 2 % audits.
+    """
+    _, model, _, test, transform = trained
+    model, defaults = copy.deepcopy(model), UpdaterConfig()
+    policy = ExitPolicy(thresholds=THRESHOLD)
+    size = defaults.audit_baseline
+    assert defaults.audit_window == size <= 32, "windows fit ~50 audited answers"
+    rows = _rows_the_bad_head_gets_wrong(model, transform(test.images), policy, size)
+    config = UpdaterConfig(strategy="plain", update_every=10_000, inject_bad_head_at=2 * size)
+    with HeadUpdater(model, config) as updater:
+        specializer = Specializer(model, policy, updater, audit_rate=1.0)
+        good = copy.deepcopy(model.heads[0].state_dict())
+        for _ in range(3):  # baseline, a healthy window, then the injected heads' window
+            specializer.engine.run(rows.split(1), progress=False)
+        stats = updater.stats()
+    assert stats["bad_heads_injected"] == 1 and stats["healthy_windows"] == 1
+    bad_share = (size - 1) / size  # the first sample after the injection point was served good
+    assert stats["rollbacks"] == 1 and stats["last_window_disagreement"] == bad_share
+    assert stats["rollback_events"] == [{
+        "observed": 3 * size, "audited": 3 * size, "to": "last_good",
+        "window_disagreement": bad_share, "baseline_disagreement": 0.0}]
+    for name, value in model.heads[0].state_dict().items():
+        assert torch.equal(value, good[name]), name
+    text = render_markdown({"updater": stats, "stream": {"specializing": {"accuracy": 50.0}}})
+    assert f"rollbacks: after sample {3 * size} (audited early answer {3 * size};" in text
 
 
 # --------------------------------------------------------------------------- controller

@@ -1,4 +1,5 @@
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -208,3 +209,26 @@ def test_executor_engine_feeds_the_updater():
     specializer.run(stream, progress=False)
     specializer.close()
     assert any(not torch.equal(v, reference[k]) for k, v in model.heads.state_dict().items())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_specializer_run_serves_with_its_thread_count_and_restores_it(count):
+    """engine.num_threads reaches the Python API: Specializer(num_threads=...).run applies it."""
+    from configkit import from_dict
+    from specialize.run import RunConfig, build_specializer
+
+    before = torch.get_num_threads()
+    other = 3 if before != 3 else 4  # a setting that differs from both counts tested
+    torch.set_num_threads(other)
+    try:
+        seen = []
+        model = tiny_model()
+        config = from_dict(RunConfig, {"scenario": {"scenario": "iid", "dataset": "synthetic"},
+                                       "engine": {"num_threads": count, "executor": False}})
+        hook = types.SimpleNamespace(on_step=lambda out: seen.append(torch.get_num_threads()))
+        specializer = build_specializer(model, config, None, hooks=[hook])
+        specializer.run(synthetic_stream(length=8), progress=False)
+        assert seen and set(seen) == {count}
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)

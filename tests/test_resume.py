@@ -104,10 +104,9 @@ def wait_for_saves(proc: subprocess.Popen, path: Path, reached=lambda path: True
     raise TimeoutError(f"{path} was not saved as expected in {timeout} s")
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_path):
-    rng = random.Random(13)
-    # kill once in each replay and once while the report is written (see progress())
-    targets = [rng.randint(25, 275), 300 + rng.randint(25, 275), 601]
+def kill_and_resume(setup: dict, tmp_path: Path, targets: list[int], seed: int) -> Path:
+    """Kill the run with SIGKILL at each target progress, resume it each time; its folder."""
+    rng = random.Random(seed)
     out, state = tmp_path / "out", tmp_path / "state"
     kills, launches = 0, 0
     while True:
@@ -117,7 +116,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kills < len(targets) and wait_for_saves(
                 proc, state / STATE_FILE, lambda path, goal=targets[kills]: progress(path) >= goal):
-            time.sleep(rng.uniform(0.0, 0.02))  # land anywhere: in a step, a save, the report
+            time.sleep(rng.uniform(0.0, 0.02))
             proc.kill()
             proc.communicate()
             kills += 1
@@ -126,6 +125,15 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_
         assert proc.returncode == 0, stderr
         break
     assert kills == len(targets)
+    return out
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_path):
+    rng = random.Random(13)
+    # kill once in each replay and once while the report is written (see progress())
+    targets = [rng.randint(25, 275), 300 + rng.randint(25, 275), 601]
+    out = kill_and_resume(setup, tmp_path, targets, seed=13)
+    state = tmp_path / "state"
     assert not list(state.glob(".*.tmp"))  # temp files of killed saves are cleaned up
     assert read_summary(out) == setup["summary"]
     saved = torch.load(out / "specialized_heads.pt", weights_only=True)
@@ -133,6 +141,28 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_summary(setup, tmp_
                            weights_only=True)
     assert saved["anchor_weights"] == reference["anchor_weights"]
     assert all(torch.equal(v, reference["heads"][k]) for k, v in saved["heads"].items())
+
+
+@pytest.fixture(scope="module")
+def budget_setup(tmp_path_factory):
+    """The same run under a budget (controller, audits, validation pass, hindsight)."""
+    root = tmp_path_factory.mktemp("resume-budget")
+    checkpoint = trained_tiny_checkpoint(root / "tiny.pt", val_size=100)
+    scenario = synthetic_scenario(root / "scenario.yaml")
+    args = ["run", str(scenario), f"model.checkpoint={checkpoint}", *OVERRIDES,
+            "policy.budget=1.0", "policy.retune_every=50", "engine.audit_rate=0.1"]
+    assert main([*args, f"out={root / 'reference'}"]) == 0
+    summary = read_summary(root / "reference")
+    assert len(summary["budget"]["specializing"]["history"]) > 2  # it re-chose on the way
+    assert summary["budget"]["specializing"]["audits"] > 0
+    return {"root": root, "args": args, "summary": summary}
+
+
+def test_sigkill_of_a_budget_run_then_resume_gives_the_same_summary(budget_setup, tmp_path):
+    rng = random.Random(7)
+    out = kill_and_resume(budget_setup, tmp_path, [rng.randint(60, 240),
+                                                   300 + rng.randint(60, 240)], seed=7)
+    assert read_summary(out) == budget_setup["summary"]
 
 
 def test_sigterm_saves_exits_143_and_the_same_command_resumes(setup, tmp_path):

@@ -512,3 +512,47 @@ def test_failing_background_thread_is_reported_and_serving_continues(base, shape
     updater.close()
     with pytest.raises(RuntimeError, match="closed"):
         updater.observe(*stream[1])
+
+
+def test_a_rollback_waits_for_the_workers_restore_of_the_last_good_heads():
+    """_last_good is read by the worker (non-finite step) and replaced by a rollback: one lock.
+
+    The worker's restore is paused after it read the last good heads; a rollback to the base
+    heads from another thread must not run until that restore is done. Without the lock it
+    runs at once (the test then fails on the order). On the locked code the order holds
+    whatever the timing; the bounded joins only keep the old code from hanging.
+    """
+    from specialize.updater.health import Verdict
+
+    updater = HeadUpdater(tiny_model(), UpdaterConfig(mode="async", strategy="plain"))
+    trainer, order = updater._trainer, []
+    in_restore, release = threading.Event(), threading.Event()
+    restore = trainer.restore
+
+    def paused_restore(heads_state):
+        in_restore.set()
+        release.wait(timeout=10)
+        restore(heads_state)
+        order.append("worker restored the last good heads")
+
+    def rollback():
+        updater._act_on(Verdict.ROLL_BACK_TO_BASE)
+        order.append("rolled back")
+
+    trainer.add = lambda observation: (1, False)  # every round overflows
+    trainer.restore = paused_restore
+    with updater:
+        assert updater._worker.submit(types.SimpleNamespace(num_samples=1))
+        assert in_restore.wait(timeout=10)
+        other = threading.Thread(target=rollback)
+        other.start()
+        other.join(timeout=1.0)  # the old code rolls back now, inside the worker's restore
+        release.set()
+        other.join()
+        updater.flush()
+        assert order == ["worker restored the last good heads", "rolled back"]
+        assert updater.rollback_count == 1
+        base = updater._base
+        for head, state in zip(updater._serving_heads, base):
+            for name, value in head.state_dict().items():
+                assert torch.equal(value, state[name]), name

@@ -27,6 +27,7 @@ from specialize.summary import (
     OperatingPoint,
     RunSummary,
     StreamRecord,
+    UpdaterStats,
     as_run_summary,
 )
 
@@ -259,7 +260,36 @@ def _md_stream(summary: RunSummary, unit: FlopsUnit) -> list[str]:
         ["samples per second", *(num(run.samples_per_second, 1) for run in runs)],
         ["head updates", "-", "n/a" if updates is None else str(updates)],
     ]
-    return lines + _table(["", "frozen", "specializing"], rows)
+    lines += _table(["", "frozen", "specializing"], rows)
+    health = _health_prose(summary.updater)
+    return lines + (["", health] if health else [])
+
+
+def _health_prose(stats: UpdaterStats | None) -> str | None:
+    """When the health check rolled the heads back (``None``: no audit window closed)."""
+    if stats is None or not (stats.healthy_windows or stats.degraded_windows):
+        return None
+    windows = (stats.healthy_windows or 0) + (stats.degraded_windows or 0)
+    text = (f"Health check: {windows} audit windows closed, {stats.degraded_windows or 0} "
+            f"degraded, {stats.rollbacks or 0} rollbacks")
+    events = stats.rollback_events or []
+    if events:
+        text += ": " + "; ".join(_rollback_text(event) for event in events)
+    if stats.bad_heads_injected:
+        text += " (bad early heads were injected on purpose: `updater.inject_bad_head_at`)"
+    return text + "."
+
+
+def _rollback_text(event: Mapping[str, Any]) -> str:
+    to = "the base heads" if event.get("to") == "base" else "the last good heads"
+    return (f"after sample {event.get('observed')} (audited early answer "
+            f"{event.get('audited')}; window disagreement "
+            f"{pct(_percent(event.get('window_disagreement')))} vs baseline "
+            f"{pct(_percent(event.get('baseline_disagreement')))}) to {to}")
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100.0 * share
 
 
 def _histogram(run: StreamRecord) -> str:

@@ -31,7 +31,7 @@ from configkit import (
 from specialize.drift import ClassCostTracker, ClassMixDriftDetector
 from specialize.engine import EngineResult, StepHook, make_step_fn
 from specialize.evaluation.passes import ExitPass, exit_pass, rerun_heads
-from specialize.models.runtime import model_input_options, threads
+from specialize.models.runtime import model_input_options
 from specialize.models.zoo import (
     default_checkpoint,
     default_model_config,
@@ -190,7 +190,7 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
         audit_temperature: Temperature of the audits' belief estimate.
 
     Returns:
-        The specializer; :func:`serve_stream` runs it with the config's threads setting.
+        The specializer; it serves with ``engine.num_threads`` torch threads.
     """
     alarm = None
     if config.drift.alarm == "class_mix":
@@ -204,12 +204,16 @@ def build_specializer(model, config: RunConfig, updater: HeadUpdater | None,
                        on_bad_input=config.engine.on_bad_input, hooks=hooks,
                        max_alarms=config.drift.max_alarms, audit_rate=audit_rate(config),
                        audit_seed=int(config.scenario.get("seed", 0)),
-                       audit_temperature=audit_temperature, controller=controller)
+                       audit_temperature=audit_temperature, controller=controller,
+                       num_threads=config.engine.num_threads)
 
 
 def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
                  desc: str = "stream", **options: Any) -> EngineResult:
-    """Run ``specializer`` over ``stream`` with the config's batch size and torch threads.
+    """Run ``specializer`` over ``stream`` with the config's batch size (and closes it).
+
+    The torch threads are the specializer's own (:func:`build_specializer` passes
+    ``engine.num_threads``).
 
     Args:
         specializer: What to run (closed afterwards).
@@ -220,9 +224,8 @@ def serve_stream(specializer: Specializer, stream: Stream, config: RunConfig,
             ``result``, ``save_every``, ``on_save``, ``should_stop``).
     """
     try:
-        with threads(config.engine.num_threads):
-            return specializer.run(stream, batch_size=config.engine.batch_size,
-                                   progress=config.progress, desc=desc, **options)
+        return specializer.run(stream, batch_size=config.engine.batch_size,
+                               progress=config.progress, desc=desc, **options)
     finally:
         specializer.close()
 

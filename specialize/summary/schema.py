@@ -237,6 +237,10 @@ class UpdaterStats(JsonRecord):
     audited: int | None = None  # early answers compared with the final exit's
     baseline_disagreement: float | None = None  # early vs final exit, audit baseline
     last_window_disagreement: float | None = None  # ... in the last window
+    bad_heads_injected: int | None = None  # 1: updater.inject_bad_head_at served bad heads
+    # the last rollbacks: observed (samples then), audited (early answers audited when the
+    # window closed), to (last_good | base), window_disagreement, baseline_disagreement
+    rollback_events: list[dict[str, Any]] | None = None
     error: str | None = None  # the updater's error, if it failed
 
 

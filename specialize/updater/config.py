@@ -62,14 +62,23 @@ class UpdaterConfig:
     seed: int = 0
     # async only: observation batches queued for the thread; more are dropped (and counted)
     queue_size: int = 64
-    # health: audited early answers that form the pre-specialization disagreement baseline
-    audit_baseline: int = 256
+    # health: audited early answers that form the baseline disagreement rate (the first ones
+    # of the stream). Counted in audited answers, not samples: at engine.audit_rate 0.02 a
+    # 3,000-sample stream audits about 60 samples, about 50 of them answered early, so 16 +
+    # 16 closes its first window near sample 1,900 (256, the old default, never did)
+    audit_baseline: int = 16
     # health: audited early answers per window (the windowed disagreement rate)
-    audit_window: int = 256
-    # health: a window degrades when its rate exceeds the baseline rate by more than this
-    audit_margin: float = 0.05
+    audit_window: int = 16
+    # health: a window degrades when its rate exceeds the baseline rate by more than this;
+    # 0.25 (4 of 16 answers more than the baseline) keeps healthy heads from rolling back on
+    # the noise of 16-answer windows (README: false rollbacks over seeds)
+    audit_margin: float = 0.25
     # health: roll the heads back when a window degrades (False: only count it)
     rollback: bool = True
+    # fault injection (testing the health check): once this many samples were observed, the
+    # next observe() serves early heads that answer a wrong class confidently (from the
+    # sample after it on; specialize.updater.faults); None: off
+    inject_bad_head_at: int | None = None
     # False: observe() is a no-op and the heads never change (a baseline run)
     enabled: bool = True
 
@@ -93,3 +102,4 @@ class UpdaterConfig:
         check_number("audit_margin", self.audit_margin, ge=0)
         check_number("grad_clip", self.grad_clip, gt=0, optional=True)
         check_int("seed", self.seed, ge=0)
+        check_int("inject_bad_head_at", self.inject_bad_head_at, ge=0, optional=True)

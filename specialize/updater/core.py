@@ -23,6 +23,7 @@ from backbones.heads import precomputed_prefix
 from specialize.updater.anchoring import anchor_heads, is_anchored
 from specialize.updater.buffer import build_buffers
 from specialize.updater.config import UpdaterConfig
+from specialize.updater.faults import bad_heads
 from specialize.updater.heads import (
     HeadsState,
     head_tensors,
@@ -38,6 +39,7 @@ from specialize.updater.worker import TrainingWorker
 __all__ = ["HeadUpdater"]
 
 _STATE_VERSION = 1
+MAX_ROLLBACK_EVENTS = 100  # rollbacks remembered with their position (the last ones)
 
 
 class HeadUpdater:
@@ -76,14 +78,15 @@ class HeadUpdater:
             anchor_heads(model, self.config.anchor_weight)  # wraps the same head modules
         early = {id(p) for p in self._serving_heads.parameters()}
         self._frozen = [p for p in model.parameters() if id(p) not in early]
+        self._lock = threading.RLock()  # serving() vs publishing, restores and _last_good
         self._base = snapshot_heads(self._serving_heads)
-        self._last_good = self._base
+        with self._lock:  # _last_good: the worker's non-finite restore reads it too
+            self._last_good = self._base
         train_heads = (self._serving_heads if self.config.mode == "sync"
                        else copy.deepcopy(self._serving_heads))
         self._trainer = HeadTrainer(train_heads, splits, self._buffers, self.config)
         self._serving_tensors = head_tensors(self._serving_heads)
         self._train_tensors = head_tensors(train_heads)
-        self._lock = threading.RLock()  # serving() vs publishing and restores
         self._train_lock = threading.Lock()  # held by whoever touches the trainer
         self._epoch = 0  # bumped by every restore; stale shadow weights are never published
         self._version = 0  # bumped whenever the served heads change (heads_version)
@@ -92,7 +95,8 @@ class HeadUpdater:
         self._counters = {"observed": 0, "accepted": 0, "low_confidence": 0,
                           "nonfinite_samples": 0, "dropped": 0, "published": 0,
                           "rollbacks": 0, "degraded_windows": 0, "healthy_windows": 0,
-                          "resets": 0}
+                          "resets": 0, "bad_heads_injected": 0}
+        self._rollback_events: list[dict[str, Any]] = []
         self._preparer = ObservationPreparer(self.config, self.num_classes, self.num_exits,
                                              prefixes, self._buffers, self._counters)
         self._health = HealthMonitor(self.config)
@@ -179,12 +183,30 @@ class HeadUpdater:
             return
         if self._closed:
             raise RuntimeError("observe() on a closed HeadUpdater; create a new one")
+        self._maybe_inject()
         observation = self._preparer.prepare(features, exit_index, selected_logits, confidence,
                                              valid)
         if self.config.mode == "sync":
             self._train(observation)
         elif not self._worker.submit(observation):  # a full queue, or the worker failed
             self._counters["dropped"] += observation.num_samples
+
+    def _maybe_inject(self) -> None:
+        """Serve bad early heads once ``inject_bad_head_at`` samples were observed (a test).
+
+        Checked before a batch is counted, so the audits of the batches served so far (and
+        the snapshot a healthy window closing on them takes) see the good heads.
+        """
+        at = self.config.inject_bad_head_at
+        if at is None or self._counters["bad_heads_injected"] or self._counters["observed"] < at:
+            return
+        with self._lock:
+            bad = bad_heads(snapshot_heads(self._serving_heads))
+        self._restore(bad)
+        if self.config.mode == "sync":
+            with self._train_lock:
+                self._sync_epoch()
+        self._counters["bad_heads_injected"] = 1
 
     def on_step(self, output: Any) -> None:
         """Engine hook: ``observe`` one ``specialize.engine.StepOutput``."""
@@ -206,7 +228,8 @@ class HeadUpdater:
                     self._version += 1
                 if not finite:  # a step overflowed: back to the last good heads
                     self._trainer.counters["nonfinite_params"] += 1
-                    self._trainer.restore(self._last_good)
+                    with self._lock:  # not while a rollback replaces the last good heads
+                        self._trainer.restore(self._last_good)
                     return
             if rounds and not sync:
                 self._publish(epoch)
@@ -260,9 +283,10 @@ class HeadUpdater:
         """
         self.flush()
         with self._train_lock:
-            self._restore(self._base)
+            with self._lock:
+                self._restore(self._base)
+                self._last_good = self._base
             self._sync_epoch()
-        self._last_good = self._base
         self._health.reset()
         if self._preparer.prior is not None:
             self._preparer.prior.reset()
@@ -305,9 +329,21 @@ class HeadUpdater:
                              f"{tuple(answered_pred.shape)}, {tuple(final_pred.shape)}")
         early = (exit_index >= 0) & (exit_index < self.num_exits - 1)  # -1: skipped input
         rolled = False
-        for verdict in self._health.update((answered_pred != final_pred)[early]):
-            rolled |= self._act_on(verdict)
+        verdicts = self._health.update((answered_pred != final_pred)[early])
+        for verdict, audited in zip(verdicts, self._health.closed_at, strict=True):
+            if self._act_on(verdict):
+                rolled = True
+                self._record_rollback(verdict, audited)
         return rolled
+
+    def _record_rollback(self, verdict: Verdict, audited: int) -> None:
+        """Remember where a rollback happened (the last ``MAX_ROLLBACK_EVENTS``)."""
+        self._rollback_events.append({
+            "observed": self._counters["observed"], "audited": audited,
+            "to": "base" if verdict is Verdict.ROLL_BACK_TO_BASE else "last_good",
+            "window_disagreement": self._health.last_window_rate,
+            "baseline_disagreement": self._health.baseline_rate})
+        del self._rollback_events[:-MAX_ROLLBACK_EVENTS]
 
     def _act_on(self, verdict: Verdict) -> bool:
         """Carry out a closed window's verdict; return whether the heads were rolled back."""
@@ -319,9 +355,10 @@ class HeadUpdater:
         self._counters["degraded_windows"] += 1
         if verdict is Verdict.DEGRADED:
             return False
-        if verdict is Verdict.ROLL_BACK_TO_BASE:
-            self._last_good = self._base
-        self._restore(self._last_good)
+        with self._lock:  # the worker's non-finite restore reads _last_good
+            if verdict is Verdict.ROLL_BACK_TO_BASE:
+                self._last_good = self._base
+            self._restore(self._last_good)
         if self.config.mode == "sync":
             with self._train_lock:
                 self._sync_epoch()
@@ -340,7 +377,12 @@ class HeadUpdater:
             gradients), ``nonfinite_params`` (steps undone), ``published``, ``buffer_fill``
             and ``buffer_capacity`` (per early exit), ``buffer_bytes``, ``rollbacks``,
             ``degraded_windows``, ``healthy_windows``, ``resets``, ``audited``,
-            ``baseline_disagreement``, ``last_window_disagreement`` and ``error``.
+            ``baseline_disagreement``, ``last_window_disagreement``, ``bad_heads_injected``
+            (1 once ``inject_bad_head_at`` served bad heads), ``rollback_events`` (the last
+            rollbacks: ``observed``, samples observed then, the stream position when no input
+            was skipped; ``audited``, audited early answers when the window closed; ``to``,
+            ``last_good`` or ``base``; the window's and the baseline's disagreement) and
+            ``error``.
         """
         trainer = self._trainer.counters
         worker_dropped = 0 if self._worker is None else self._worker.dropped
@@ -360,6 +402,7 @@ class HeadUpdater:
             "audited": self._health.audited,
             "baseline_disagreement": self._health.baseline_rate,
             "last_window_disagreement": self._health.last_window_rate,
+            "rollback_events": [dict(event) for event in self._rollback_events],
             "error": None if self.error is None else repr(self.error),
         }
 
@@ -371,7 +414,7 @@ class HeadUpdater:
         model's own checkpoint alongside.
         """
         self.flush()
-        with self._train_lock:
+        with self._train_lock, self._lock:
             self._sync_epoch()
             return {
                 "version": _STATE_VERSION,
@@ -383,6 +426,7 @@ class HeadUpdater:
                 "last_good_heads": [dict(s) for s in self._last_good],
                 "counters": dict(self._counters),
                 "audit": self._health.state_dict(),
+                "rollback_events": [dict(event) for event in self._rollback_events],
                 "prior": (None if self._preparer.prior is None
                           else self._preparer.prior.state_dict()),
             }
@@ -408,9 +452,10 @@ class HeadUpdater:
                 load_heads(self._serving_heads, state["serving_heads"])
                 self._pending = None
                 self._trainer_epoch = self._epoch
-            self._base = state["base_heads"]
-            self._last_good = state["last_good_heads"]
+                self._base = state["base_heads"]
+                self._last_good = state["last_good_heads"]
             self._counters.update({k: int(v) for k, v in state["counters"].items()})
             self._health.load_state_dict(state["audit"])
+            self._rollback_events = [dict(e) for e in state.get("rollback_events", [])]
             if self._preparer.prior is not None and state.get("prior") is not None:
                 self._preparer.prior.load_state_dict(state["prior"])

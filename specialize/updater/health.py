@@ -59,6 +59,7 @@ class HealthMonitor:
             "baseline_n": 0, "baseline_disagree": 0, "window_n": 0, "window_disagree": 0,
             "audited": 0, "rolled_back_last": 0, "last_window_rate": math.nan,
         }
+        self.closed_at: list[int] = []  # the last update's closed windows: audited answers then
 
     @property
     def audited(self) -> int:
@@ -82,6 +83,8 @@ class HealthMonitor:
     def update(self, disagree: Tensor) -> list[Verdict]:
         """Count audited early answers; return one verdict per window they close, in order.
 
+        ``closed_at`` then holds, per verdict, the audited answers counted when it closed.
+
         Args:
             disagree: ``(n,)`` bool, whether each audited early answer disagreed with the
                 final exit.
@@ -89,6 +92,7 @@ class HealthMonitor:
         cumulative = torch.cumsum(disagree.long(), 0)
         total = cumulative.shape[0]
         state, cfg, done, verdicts = self._state, self.config, 0, []
+        start, self.closed_at = state["audited"], []
         state["audited"] += total
         while done < total:  # one pass per baseline/window boundary inside the batch
             phase = "baseline" if state["baseline_n"] < cfg.audit_baseline else "window"
@@ -100,6 +104,7 @@ class HealthMonitor:
             done += take
             if phase == "window" and state["window_n"] == cfg.audit_window:
                 verdicts.append(self._close_window())
+                self.closed_at.append(start + done)
         return verdicts
 
     def _close_window(self) -> Verdict:
