@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import re
@@ -55,6 +56,7 @@ HEADLINE_ROWS = (
 )
 
 
+@functools.cache
 def _benchmark(name: str) -> ModuleType:
     path = ROOT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
@@ -166,9 +168,10 @@ def generated(root: Path = ROOT) -> dict[Path, str]:
             root / README: render_readme((root / README).read_text(), template, root)}
 
 
-def stale_files(root: Path = ROOT) -> list[Path]:
-    """The generated files under ``root`` that differ from what this script writes."""
-    return [path for path, text in generated(root).items()
+def stale_files(root: Path = ROOT, wanted: dict[Path, str] | None = None) -> list[Path]:
+    """The generated files under ``root`` that differ from ``wanted`` (:func:`generated`)."""
+    wanted = generated(root) if wanted is None else wanted
+    return [path for path, text in wanted.items()
             if not path.is_file() or path.read_text() != text]
 
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare instead of writing; exit 1 if a file is stale")
     args = parser.parse_args(argv)
     wanted = generated()
-    stale = stale_files()
+    stale = stale_files(wanted=wanted)
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} is stale: run python benchmarks/results_doc.py",

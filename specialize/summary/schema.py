@@ -33,16 +33,14 @@ from specialize.summary.records import (
 )
 
 __all__ = [
-    "BeforeAfter",
     "BudgetReplay",
     "BudgetSection",
     "ClassRow",
+    "Curve",
     "CurvePoint",
     "DriftSummary",
     "DriftWindow",
-    "EvalSplits",
     "IsoAccuracy",
-    "JsonRecord",
     "ModelSummary",
     "OperatingPoint",
     "RunSummary",
@@ -52,7 +50,6 @@ __all__ = [
     "UpdaterStats",
     "Versions",
     "as_run_summary",
-    "to_jsonable",
 ]
 
 # ------------------------------------------------------------------------------ sections
